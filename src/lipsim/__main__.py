@@ -1,0 +1,3 @@
+from lipsim.cli import main
+
+raise SystemExit(main())

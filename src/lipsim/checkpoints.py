@@ -1,0 +1,246 @@
+"""Model files: our safetensors format, published ``.pth`` checkpoints, the packaged default.
+
+* Ours: one safetensors file; metadata ``format=lipsim``, ``arch`` (ArchConfig JSON) and
+  ``embedding`` ("append" | "plain"). No pickle anywhere.
+* Published LipSim checkpoints (lipsim-method.md §3.4): a torch pickle holding a dict with
+  ``model_state_dict`` whose keys carry ``module.model.`` and appear twice (``convs.i`` and
+  ``base.1.i``, ``linear.j`` and ``base.2.j``). Read with ``weights_only=True``: a file that
+  would need to run code when unpickled is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+import tempfile
+from importlib import resources
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .archs import ArchConfig, build_backbone, list_archs, get_config
+from .errors import CheckpointError
+from .model import EMBEDDINGS, LipSim
+
+__all__ = ["load", "save_model", "load_published", "default_model_path", "PUBLISHED_OUT_DIM"]
+
+FORMAT = "lipsim"
+FORMAT_VERSION = "1"
+#: output dimension of the published checkpoints (DreamSim ensemble teacher)
+PUBLISHED_OUT_DIM = 1792
+DEFAULT_NAME = "default.safetensors"
+
+
+def default_model_path() -> Path:
+    return Path(str(resources.files("lipsim") / "weights" / DEFAULT_NAME))
+
+
+def _atomic_write(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_model(model: LipSim, path, extra_metadata: dict | None = None) -> None:
+    """Saves a :class:`LipSim` into one safetensors file, atomically."""
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.backbone.state_dict().items()}
+    metadata = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "arch": model.config.to_json(),
+        "embedding": model.embedding,
+    }
+    for key, value in (extra_metadata or {}).items():
+        metadata[str(key)] = value if isinstance(value, str) else json.dumps(value)
+    _atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def _finish(model: LipSim, device) -> LipSim:
+    model.eval().requires_grad_(False)
+    return model.to(device)
+
+
+def _load_safetensors(path: Path, device, embedding: str | None) -> LipSim:
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
+    if meta.get("format") != FORMAT or "arch" not in meta:
+        raise CheckpointError(f"{path}: safetensors file without lipsim metadata (format/arch)")
+    try:
+        config = ArchConfig.from_json(meta["arch"])
+    except (ValueError, TypeError) as exc:
+        raise CheckpointError(f"{path}: bad architecture metadata ({exc})") from None
+    mode = embedding or meta.get("embedding", "append")
+    if mode not in EMBEDDINGS:
+        raise CheckpointError(f"{path}: unknown embedding mode {mode!r}")
+    model = LipSim(build_backbone(config), embedding=mode)
+    _load_state(model, tensors, path)
+    return _finish(model, device)
+
+
+def _load_state(model: LipSim, state: dict, path) -> None:
+    expected = model.backbone.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path}: weights do not match architecture {model.arch!r} "
+            f"(missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
+            f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''})"
+        )
+    for key, tensor in state.items():
+        if not isinstance(tensor, torch.Tensor):
+            raise CheckpointError(f"{path}: entry {key!r} is not a tensor")
+        if tensor.shape != expected[key].shape:
+            raise CheckpointError(
+                f"{path}: {key} has shape {tuple(tensor.shape)}, expected {tuple(expected[key].shape)}"
+            )
+        if not torch.isfinite(tensor).all():
+            raise CheckpointError(f"{path}: {key} contains NaN or infinite values")
+    model.backbone.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+
+
+_BASE_KEY = re.compile(r"^base\.(1|2)\.(\d+)\.(.+)$")
+
+
+def normalise_published_keys(state: dict) -> dict:
+    """Strips ``module.``/``model.``/``backbone.`` prefixes, maps ``base.*`` duplicates onto
+    ``convs``/``linear`` names (checking that duplicates agree) and drops ``alpha`` entries."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        k = key
+        for prefix in ("module.", "model.", "backbone."):
+            if k.startswith(prefix):
+                k = k[len(prefix) :]
+        if "alpha" in k:
+            continue
+        m = _BASE_KEY.match(k)
+        if m:
+            k = f"{'convs' if m.group(1) == '1' else 'linear'}.{m.group(2)}.{m.group(3)}"
+        if k in out:
+            if not torch.equal(out[k], value):
+                raise CheckpointError(f"duplicate entries for {k} disagree")
+            continue
+        out[k] = value
+    return out
+
+
+def _published_config(state: dict, out_dim: int) -> ArchConfig:
+    conv_idx = sorted({int(k.split(".")[1]) for k in state if k.startswith("convs.") and k.endswith(".kernel")})
+    lin_idx = sorted({int(k.split(".")[1]) for k in state if k.startswith("linear.") and k.endswith(".weight")})
+    if not conv_idx or not lin_idx:
+        raise CheckpointError("no SLL convolution/linear weights found (not a LipSim checkpoint?)")
+    if conv_idx != list(range(len(conv_idx))) or lin_idx != list(range(1, len(lin_idx) + 1)):
+        raise CheckpointError("layer indices are not contiguous (not a LipSim checkpoint?)")
+    kernel = state[f"convs.{conv_idx[0]}.kernel"]
+    weight = state[f"linear.{lin_idx[0]}.weight"]
+    conv_size, channels = int(kernel.shape[0]), int(kernel.shape[1])
+    n_features, flat = int(weight.shape[0]), int(weight.shape[1])
+    side2 = flat // channels
+    side = int(round(side2**0.5))
+    if side * side * channels != flat:
+        raise CheckpointError(f"linear input size {flat} does not match {channels} channels")
+    fields = dict(
+        family="published", out_dim=out_dim, input_size=side * 16, depth=len(conv_idx), channels=channels,
+        conv_size=conv_size, depth_linear=len(lin_idx), n_features=n_features,
+    )
+    for name in list_archs():
+        cfg = get_config(name)
+        if cfg.family == "published" and all(getattr(cfg, k) == v for k, v in fields.items()):
+            return cfg
+    return ArchConfig(name="published-custom", **fields)
+
+
+def load_published(path, out_dim: int = PUBLISHED_OUT_DIM, embedding: str = "plain", device="cpu") -> LipSim:
+    """Loads a published LipSim ``.pth`` checkpoint with weights-only unpickling.
+
+    ``embedding="plain"`` reproduces the published network's distances (its certificates then
+    use the norm-aware radius); pass "append" only for checkpoints fine-tuned with the appended
+    constant (the reference code's ``--requires_bias``).
+    """
+    path = Path(path)
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise CheckpointError(
+            f"{path}: refused: the file holds Python objects that weights-only loading will not "
+            f"execute (it could run code); lipsim never unpickles untrusted files [{first[:120]}]"
+        ) from None
+    except (RuntimeError, OSError, EOFError, ValueError, AttributeError, ImportError) as exc:
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "weights_only" in str(exc) or "Weights only" in str(exc):
+            raise CheckpointError(
+                f"{path}: refused: the file needs full unpickling, which could run code; "
+                "lipsim only loads weights"
+            ) from None
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({msg[:160]})") from None
+    if isinstance(obj, dict) and "model_state_dict" in obj:
+        state = obj["model_state_dict"]
+    elif isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        state = obj
+    else:
+        raise CheckpointError(f"{path}: no model_state_dict in checkpoint")
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: model_state_dict is not a dict")
+    state = normalise_published_keys(state)
+    config = _published_config(state, out_dim)
+    model = LipSim(build_backbone(config), embedding=embedding)
+    _load_state(model, state, path)
+    return _finish(model, device)
+
+
+def _is_safetensors(path: Path) -> bool:
+    with open(path, "rb") as fh:
+        head = fh.read(9)
+    if len(head) < 9:
+        return False
+    n = int.from_bytes(head[:8], "little")
+    return 0 < n < 100_000_000 and head[8:9] == b"{"
+
+
+def load(source=None, device="cpu", embedding: str | None = None) -> LipSim:
+    """Loads a model: ``None``/"default" (packaged), a ``.safetensors`` file, or a published ``.pth``.
+
+    The model is returned in eval mode with gradients off for its parameters (input gradients
+    still work). Nothing is downloaded.
+    """
+    if source is None or source == "default":
+        path = default_model_path()
+        if not path.exists():
+            raise CheckpointError(
+                "no packaged default model in this installation; train one with "
+                "'lipsim train distill ...' or pass a model file (model.safetensors or a published .pth)"
+            )
+        return _load_safetensors(path, device, embedding)
+    path = Path(source)
+    if not path.exists():
+        hint = f" (architectures: {', '.join(list_archs())} are built with lipsim.create_model)" if str(
+            source
+        ) in list_archs() else ""
+        raise CheckpointError(f"{path}: no such model file{hint}")
+    if path.is_dir():
+        candidate = path / "model.safetensors"
+        if candidate.exists():
+            path = candidate
+        else:
+            raise CheckpointError(f"{path}: is a directory without model.safetensors")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: empty file")
+    if _is_safetensors(path):
+        return _load_safetensors(path, device, embedding)
+    return load_published(path, embedding=embedding or "plain", device=device)

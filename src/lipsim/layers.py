@@ -1,0 +1,271 @@
+"""1-Lipschitz building blocks (ℓ2 norm, on any input shape they accept).
+
+Every module here carries a ``lipschitz_bound`` (a proven upper bound on its ℓ2 Lipschitz
+constant, here always 1.0) and its docstring says why the bound holds. ``lipsim verify`` walks a
+backbone and refuses any module that does not declare a bound, so a new layer must come here,
+with its proof, before a model that uses it can be called certified.
+
+The SLL layers follow Araujo et al., "A Unified Algebraic Perspective on Lipschitz Neural
+Networks" (ICLR 2023), in the parametrisation that the published LipSim checkpoints use
+(``kernel``/``weight``, ``bias`` and ``q`` tensors; lipsim-method.md §1.2-1.3).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "LipschitzModule",
+    "SLLConv2d",
+    "SLLLinear",
+    "ZeroChannelPad",
+    "SumPool",
+    "SpaceToDepth",
+    "Flatten",
+    "Truncate",
+    "ZeroPadFeatures",
+    "safe_inverse",
+    "sll_conv_rescaling",
+    "sll_linear_rescaling",
+]
+
+
+def safe_inverse(t: torch.Tensor) -> torch.Tensor:
+    """Elementwise 1/t with 1/0 := 0 (a zero row of the Gram matrix means a dead channel)."""
+    return torch.where(t > 0, 1.0 / t.clamp_min(torch.finfo(t.dtype).tiny), torch.zeros_like(t))
+
+
+def sll_conv_rescaling(kernel: torch.Tensor) -> torch.Tensor:
+    """Per-inner-channel rescaling ``t_i = Σ_{j,shift} |G_ij(shift)|`` of an SLL convolution.
+
+    ``G = K ⋆ K`` (padding 2) is the stencil of 𝒦𝒦* for "convolve with K" on an infinite grid.
+    Diagonal dominance gives ``diag(t) ⪰ 𝒦𝒦*`` there, and on the zero-padded finite grid 𝒦𝒦* is
+    dominated by that restriction, so ``diag(t) ⪰ 𝒦𝒦*`` holds on every input size.
+    The published code multiplies by exp(q) and exp(-q) along the same axis, so q cancels: we
+    reproduce that (q is stored, never used), which keeps published checkpoints bit-compatible.
+    """
+    gram = F.conv2d(kernel, kernel, padding=kernel.shape[-1] - 1)
+    return gram.abs().sum(dim=(1, 2, 3))
+
+
+def sll_linear_rescaling(weight: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """``t_i = Σ_j |(W Wᵀ)_ij| · exp(q_j - q_i)``: with ``D = diag(exp q)``, ``D(T - WWᵀ)D`` is
+    symmetric and diagonally dominant with a non-negative diagonal, hence PSD, so
+    ``diag(t) ⪰ WWᵀ`` for every q."""
+    gram = weight @ weight.T
+    scale = torch.exp(q)[None, :] * torch.exp(-q)[:, None]
+    return (gram * scale).abs().sum(dim=1)
+
+
+class LipschitzModule(nn.Module):
+    """Base class: a module with a proven ℓ2 Lipschitz bound."""
+
+    lipschitz_bound: float = 1.0
+    #: one line on why the bound holds, printed by ``lipsim verify``
+    bound_reason: str = ""
+
+
+class _CachedRescaling(LipschitzModule):
+    """Caches the inverse rescaling ``2/t`` while no gradient can flow to the parameters.
+
+    In eval-mode inference (and attacks, which need input gradients only) the normalisation is
+    computed once and reused until a parameter changes in place (tracked by tensor versions).
+    """
+
+    def _param_key(self) -> tuple:
+        return tuple((p._version, p.data_ptr(), p.dtype, p.device) for p in self.parameters())
+
+    def _scale(self) -> torch.Tensor:
+        needs_graph = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
+        if needs_graph:
+            return 2.0 * safe_inverse(self._rescaling())
+        key = self._param_key()
+        cached = getattr(self, "_cache", None)
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                cached = (key, 2.0 * safe_inverse(self._rescaling()))
+            self._cache = cached
+        return cached[1]
+
+    def _rescaling(self) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class SLLConv2d(_CachedRescaling):
+    """SLL residual convolution ``h(x) = x - 2·𝒦*(T⁻¹ ReLU(𝒦x + b))``, 3×3 kernels, padding 1.
+
+    Bound: 1. The Jacobian is ``I - 2𝒦*T⁻¹D𝒦`` with D a 0/1 diagonal (ReLU); since
+    ``T ⪰ 𝒦𝒦*`` (see :func:`sll_conv_rescaling`) its spectral norm is at most 1 (SLL theorem).
+    ``inner`` is the bottleneck width (the published ``conv_size``, default 5).
+    """
+
+    bound_reason = "SLL residual conv: T ⪰ KK* by diagonal dominance of the kernel Gram stencil"
+
+    def __init__(self, channels: int, inner: int = 5, kernel_size: int = 3):
+        super().__init__()
+        if kernel_size % 2 != 1:
+            raise ValueError("SLLConv2d needs an odd kernel size")
+        self.channels, self.inner = channels, inner
+        self.kernel = nn.Parameter(torch.empty(inner, channels, kernel_size, kernel_size))
+        self.bias = nn.Parameter(torch.empty(1, inner, 1, 1))
+        self.q = nn.Parameter(torch.empty(inner))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.xavier_normal_(self.kernel)
+        fan_in = self.channels * self.kernel.shape[-1] ** 2
+        nn.init.uniform_(self.bias, -1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in))
+        nn.init.normal_(self.q)
+
+    def _rescaling(self) -> torch.Tensor:
+        return sll_conv_rescaling(self.kernel)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pad = self.kernel.shape[-1] // 2
+        scale = self._scale().to(x.dtype)
+        kernel = self.kernel.to(x.dtype)
+        res = F.conv2d(x, kernel, bias=self.bias.view(-1).to(x.dtype), padding=pad)
+        res = F.relu(res) * scale.view(1, -1, 1, 1)
+        return x - F.conv_transpose2d(res, kernel, padding=pad)
+
+    def extra_repr(self) -> str:
+        return f"channels={self.channels}, inner={self.inner}"
+
+
+class SLLLinear(_CachedRescaling):
+    """SLL residual linear layer ``h(x) = x - 2·Wᵀ T⁻¹ ReLU(W x + b)`` (dimension preserving).
+
+    Bound: 1. Jacobian ``I - 2WᵀT⁻¹DW`` with ``T ⪰ WWᵀ`` (see :func:`sll_linear_rescaling`),
+    so its spectral norm is at most 1. ``inner`` is the published ``n_features``.
+    """
+
+    bound_reason = "SLL residual linear: T ⪰ WWᵀ by q-weighted diagonal dominance"
+
+    def __init__(self, features: int, inner: int):
+        super().__init__()
+        self.features, self.inner = features, inner
+        self.weight = nn.Parameter(torch.empty(inner, features))
+        self.bias = nn.Parameter(torch.empty(1, inner))
+        self.q = nn.Parameter(torch.empty(inner))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.xavier_normal_(self.weight)
+        bound = 1 / math.sqrt(self.features)
+        nn.init.uniform_(self.bias, -bound, bound)
+        nn.init.normal_(self.q)
+
+    def _rescaling(self) -> torch.Tensor:
+        return sll_linear_rescaling(self.weight, self.q)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight.to(x.dtype)
+        res = F.relu(F.linear(x, weight, self.bias.view(-1).to(x.dtype)))
+        res = res * self._scale().to(x.dtype)
+        return x - res @ weight
+
+    def extra_repr(self) -> str:
+        return f"features={self.features}, inner={self.inner}"
+
+
+class ZeroChannelPad(LipschitzModule):
+    """Writes the input channels into the first channels of a wider zero tensor. Isometry (bound 1)."""
+
+    bound_reason = "isometry: copies the input and appends zero channels"
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.channels = channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        extra = self.channels - x.shape[1]
+        if extra < 0:
+            raise ValueError(f"cannot pad {x.shape[1]} channels down to {self.channels}")
+        return F.pad(x, (0, 0, 0, 0, 0, extra))
+
+    def extra_repr(self) -> str:
+        return f"channels={self.channels}"
+
+
+class SumPool(LipschitzModule):
+    """Non-overlapping k×k window sums divided by k (the published pooling has k = 4).
+
+    Bound: 1, tight. By Cauchy-Schwarz ``|Σ_{k²} x_i| ≤ k·‖x_window‖₂``; windows are disjoint.
+    """
+
+    bound_reason = "window sum / k: |sum of k² entries| ≤ k·(their ℓ2 norm), disjoint windows"
+
+    def __init__(self, k: int = 4):
+        super().__init__()
+        self.k = k
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.avg_pool2d(x, self.k, stride=self.k, divisor_override=self.k)
+
+    def extra_repr(self) -> str:
+        return f"k={self.k}"
+
+
+class SpaceToDepth(LipschitzModule):
+    """Rearranges r×r pixel blocks into channels (C, H, W) -> (C·r², H/r, W/r). Isometry (bound 1)."""
+
+    bound_reason = "isometry: a permutation of coordinates (pixel unshuffle)"
+
+    def __init__(self, r: int):
+        super().__init__()
+        self.r = r
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.pixel_unshuffle(x, self.r)
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}"
+
+
+class Flatten(LipschitzModule):
+    """Channel-major flatten (index c·H·W + h·W + w). Isometry (bound 1)."""
+
+    bound_reason = "isometry: a reshape"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1)
+
+
+class Truncate(LipschitzModule):
+    """Keeps the first ``n`` coordinates: a coordinate projection (bound 1)."""
+
+    bound_reason = "coordinate projection"
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.n = n
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] < self.n:
+            raise ValueError(f"cannot keep {self.n} of {x.shape[1]} features")
+        return x[:, : self.n]
+
+    def extra_repr(self) -> str:
+        return f"n={self.n}"
+
+
+class ZeroPadFeatures(LipschitzModule):
+    """Appends zero coordinates to a feature vector up to ``n``. Isometry (bound 1)."""
+
+    bound_reason = "isometry: appends zero coordinates"
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.n = n
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] > self.n:
+            raise ValueError(f"cannot pad {x.shape[1]} features down to {self.n}")
+        return F.pad(x, (0, self.n - x.shape[1]))
+
+    def extra_repr(self) -> str:
+        return f"n={self.n}"

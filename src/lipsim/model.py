@@ -1,0 +1,185 @@
+"""LipSim: a 1-Lipschitz backbone, a normalised embedding, a distance and its certificates.
+
+``g(x) = z(x)/‖z(x)‖`` with ``z = [f(x); 1]`` ("append", our models: g is 1-Lipschitz by
+construction) or ``z = f(x)`` ("plain", how the published checkpoints were trained and
+evaluated: g is *not* 1-Lipschitz in general, so their certificates use the norm-aware radius
+of :func:`lipsim.certify.radius_2afc_plain`). ``d(x, y) = 1 - ⟨g(x), g(y)⟩``.
+
+Everything returned here is computed in float32 with TF32 and autocast disabled
+(:func:`exact_float32`), whatever the caller's global settings; certificates are then finished
+in float64 by :mod:`lipsim.certify`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from . import certify
+from .archs import ArchConfig, LipschitzBackbone, build_backbone
+from .images import check_images
+
+__all__ = ["LipSim", "EMBEDDINGS", "exact_float32"]
+
+EMBEDDINGS = ("append", "plain")
+
+
+@contextlib.contextmanager
+def exact_float32() -> Iterator[None]:
+    """Disables autocast (CPU and CUDA) and TF32 for the duration of the block."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prev_prec = torch.get_float32_matmul_precision()
+        prev_cudnn = torch.backends.cudnn.allow_tf32
+        torch.set_float32_matmul_precision("highest")
+        torch.backends.cudnn.allow_tf32 = False
+    try:
+        with torch.autocast("cpu", enabled=False):
+            if torch.cuda.is_available():
+                with torch.autocast("cuda", enabled=False):
+                    yield
+            else:
+                yield
+    finally:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.set_float32_matmul_precision(prev_prec)
+            torch.backends.cudnn.allow_tf32 = prev_cudnn
+
+
+class LipSim(nn.Module):
+    """The perceptual metric. ``model(x, y)`` is the distance; see api.md for the contract.
+
+    Images are (B, 3, S, S) float tensors in [0, 1] with S = ``model.input_size`` (224 for all
+    registered architectures); anything else raises ``ValueError``.
+    """
+
+    def __init__(self, backbone: LipschitzBackbone, embedding: str = "append"):
+        super().__init__()
+        if embedding not in EMBEDDINGS:
+            raise ValueError(f"embedding must be one of {EMBEDDINGS}, got {embedding!r}")
+        self.backbone = backbone
+        self.embedding = embedding
+
+    # -- description ----------------------------------------------------------------------------
+    @property
+    def config(self) -> ArchConfig:
+        return self.backbone.config
+
+    @property
+    def arch(self) -> str:
+        return self.backbone.config.name
+
+    @property
+    def input_size(self) -> int:
+        return self.backbone.input_size
+
+    @property
+    def embed_dim(self) -> int:
+        return self.backbone.out_dim + (1 if self.embedding == "append" else 0)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def extra_repr(self) -> str:
+        return f"arch={self.arch!r}, embedding={self.embedding!r}"
+
+    # -- the function ---------------------------------------------------------------------------
+    def _prepare(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        check_images(x, name, size=self.input_size)
+        return x.to(device=self.device, dtype=torch.float32)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The backbone output f(x), (B, k), float32; 1-Lipschitz in x."""
+        x = self._prepare(x, "images")
+        with exact_float32():
+            return self.backbone(x).float()
+
+    def _normalise(self, f: torch.Tensor) -> torch.Tensor:
+        if self.embedding == "append":
+            f = torch.cat([f, torch.ones_like(f[:, :1])], dim=1)
+        return f / torch.linalg.vector_norm(f, dim=1, keepdim=True).clamp_min(1e-12)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Unit-norm embeddings g(x), (B, D); differentiable in x."""
+        return self._normalise(self.features(x))
+
+    def _embed_many(self, *xs: torch.Tensor, names: tuple[str, ...]) -> list[torch.Tensor]:
+        for x, name in zip(xs, names, strict=True):
+            check_images(x, name, size=self.input_size)
+        sizes = [x.shape[0] for x in xs]
+        g = self.embed(torch.cat([x.to(self.device, torch.float32) for x in xs]))
+        return list(torch.split(g, sizes))
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Distance ``1 - ⟨g(x), g(y)⟩`` in [0, 2], shape (B,); a batch of 1 broadcasts."""
+        gx, gy = self._embed_many(x, y, names=("x", "y"))
+        if gx.shape[0] != gy.shape[0] and 1 not in (gx.shape[0], gy.shape[0]):
+            raise ValueError(f"batch sizes {gx.shape[0]} and {gy.shape[0]} do not match")
+        return 1.0 - (gx * gy).sum(dim=1)
+
+    distance = forward
+
+    # -- certificates ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def certify_2afc(self, ref: torch.Tensor, x0: torch.Tensor, x1: torch.Tensor) -> certify.Certificate2AFC:
+        """Which of x0, x1 is closer to ref, and the ℓ2 radius around ref within which that holds."""
+        if not (ref.shape[0] == x0.shape[0] == x1.shape[0]):
+            raise ValueError("ref, x0 and x1 must have the same batch size")
+        n = ref.shape[0]
+        for x, name in ((ref, "ref"), (x0, "x0"), (x1, "x1")):
+            check_images(x, name, size=self.input_size)
+        f = self.features(torch.cat([ref, x0, x1]).to(self.device, torch.float32))
+        g = self._normalise(f).double()
+        g_ref, g0, g1 = g[:n], g[n : 2 * n], g[2 * n :]
+        d0 = 1.0 - (g_ref * g0).sum(dim=1)
+        d1 = 1.0 - (g_ref * g1).sum(dim=1)
+        closer = torch.where(d0 < d1, 0, torch.where(d1 < d0, 1, -1)).long()
+        if self.embedding == "append":
+            radius = certify.radius_2afc(d0, d1, g0, g1)
+        else:
+            radius = certify.radius_2afc_plain(d0, d1, g0, g1, torch.linalg.vector_norm(f[:n].double(), dim=1))
+        radius = torch.where(closer < 0, torch.zeros_like(radius), radius)
+        return certify.Certificate2AFC(closer=closer, d0=d0.float(), d1=d1.float(), radius=radius)
+
+    @torch.no_grad()
+    def distance_interval(
+        self, x: torch.Tensor, y: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Bounds ``lo ≤ d(x + δ, y) ≤ hi`` for every ‖δ‖₂ ≤ eps (δ on x only)."""
+        if eps < 0:
+            raise ValueError("eps must be non-negative")
+        check_images(x, "x", size=self.input_size)
+        check_images(y, "y", size=self.input_size)
+        n = x.shape[0]
+        f = self.features(torch.cat([x, y.to(x.device)]).to(self.device, torch.float32))
+        g = self._normalise(f).double()
+        d = 1.0 - (g[:n] * g[n:]).sum(dim=1)
+        ref_norm = None if self.embedding == "append" else torch.linalg.vector_norm(f[:n].double(), dim=1)
+        return certify.distance_interval(d, eps, ref_norm)
+
+    # -- reduced precision (never certified) ----------------------------------------------------
+    @torch.no_grad()
+    def embed_fast(self, x: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+        """Embeddings in reduced precision for ranking and retrieval. NOT certified."""
+        x = self._prepare(x, "images")
+        device_type = "cuda" if x.is_cuda else "cpu"
+        with torch.autocast(device_type, dtype=dtype):
+            f = self.backbone(x.to(dtype))
+        return self._normalise(f.float())
+
+    # -- persistence ----------------------------------------------------------------------------
+    def save(self, path) -> None:
+        """Writes weights and configuration into one safetensors file (atomically)."""
+        from .checkpoints import save_model
+
+        save_model(self, path)
+
+    @classmethod
+    def from_config(cls, config: ArchConfig | str, embedding: str = "append") -> LipSim:
+        return cls(build_backbone(config), embedding=embedding)
