@@ -32,7 +32,9 @@ __all__ = [
 ]
 
 
-def create_model(name: str | ArchConfig, embedding: str = "append", device="cpu", seed: int | None = None) -> LipSim:
+def create_model(
+    name: str | ArchConfig, embedding: str = "append", device="cpu", seed: int | None = None
+) -> LipSim:
     """An architecture by name (or config) with fresh random weights, in eval mode.
 
     ``embedding="append"`` (default) makes g 1-Lipschitz; "plain" mimics the published models.

@@ -213,19 +213,38 @@ register(ArchConfig("xlarge", "published", depth=70, channels=120, depth_linear=
 # Our space-to-depth family (issue: the default model and the speed work).
 register(
     ArchConfig(
-        "s2d-small", "s2d", out_dim=1792, s2d=4, stages=((20, 16),), pool=4,
-        linear_width=0, depth_linear=0, n_features=1024,
+        "s2d-small",
+        "s2d",
+        out_dim=1792,
+        s2d=4,
+        stages=((20, 16),),
+        pool=4,
+        linear_width=0,
+        depth_linear=0,
+        n_features=1024,
     )
 )
 register(
     ArchConfig(
-        "s2d-compact", "s2d", out_dim=1024, s2d=4, stages=((6, 16), (6, 32)), pool=7,
-        depth_linear=2, n_features=1024,
+        "s2d-compact",
+        "s2d",
+        out_dim=1024,
+        s2d=4,
+        stages=((6, 16), (6, 32)),
+        pool=7,
+        depth_linear=2,
+        n_features=1024,
     )
 )
 
 # Tiny architectures for tests and smoke runs (same layer types, a few thousand parameters).
-register(ArchConfig("tiny", "published", out_dim=64, depth=2, channels=6, conv_size=2, depth_linear=1,
-                    n_features=32))
-register(ArchConfig("tiny-s2d", "s2d", out_dim=64, s2d=4, stages=((2, 4), (1, 8)), pool=7,
-                    depth_linear=1, n_features=32))
+register(
+    ArchConfig(
+        "tiny", "published", out_dim=64, depth=2, channels=6, conv_size=2, depth_linear=1, n_features=32
+    )
+)
+register(
+    ArchConfig(
+        "tiny-s2d", "s2d", out_dim=64, s2d=4, stages=((2, 4), (1, 8)), pool=7, depth_linear=1, n_features=32
+    )
+)

@@ -26,6 +26,8 @@ import torch
 
 __all__ = [
     "FLOAT_SLACK",
+    "EMBED_SLACK",
+    "TIE_TOL",
     "Certificate2AFC",
     "movement_bound",
     "radius_2afc",
@@ -36,6 +38,10 @@ __all__ = [
 
 #: absolute slack (in distance units) subtracted from every certified margin
 FLOAT_SLACK = 1e-5
+#: absolute slack on ‖g(x) - g(y)‖ computed from float32 embeddings
+EMBED_SLACK = 1e-5
+#: distances closer than this are a tie (float32 noise, not a decision)
+TIE_TOL = 1e-7
 
 
 @dataclass
@@ -114,26 +120,36 @@ def radius_2afc_plain(
     b_ = b.clamp_min(1e-300)
     eps_star = r * m_ * (torch.sqrt(m_**2 + 4 * b_**2) - m_) / (2 * b_**2)
     proj = torch.minimum(m_ / b_, (r - 1).clamp_min(0))
-    radius = torch.where(ok, torch.maximum(eps_star, proj), torch.zeros_like(m))
+    radius = torch.minimum(torch.maximum(eps_star, proj), m_ / b_)
+    radius = torch.where(ok, radius, torch.zeros_like(m))
     return radius.to(torch.float32)
 
 
 def distance_interval(
-    d: torch.Tensor, eps: float, ref_norm: torch.Tensor | None = None
+    d: torch.Tensor, eps: float, ref_norm: torch.Tensor | None = None, s: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Interval holding every d(x + δ, y) with ‖δ‖ ≤ eps, given d = d(x, y).
 
     With ``s = ‖g(x) - g(y)‖ = √(2d)`` and the movement bound ρ, the triangle inequality gives
     ``‖g(x+δ) - g(y)‖ ∈ [s - ρ, s + ρ]``, so ``d' ∈ [½(s-ρ)₊², ½(s+ρ)²]``; also
-    ``|d' - d| = |⟨g(x+δ) - g(x), g(y)⟩| ≤ ρ`` and ``0 ≤ d' ≤ 2``. The intersection is returned,
-    widened by :data:`FLOAT_SLACK`. For small d this is much tighter than ``d ± ε``.
+    ``|d' - d| = |⟨g(x+δ) - g(x), g(y)⟩| ≤ ρ`` and ``0 ≤ d' ≤ 2``. The intersection is returned.
+    For small d this is much tighter than ``d ± ε`` (at d = 0 it is ``[0, ½ε²]``).
+
+    Rounding: pass ``s`` computed from the embeddings when available; it is widened by
+    :data:`EMBED_SLACK`. Without it, s is derived from d widened by :data:`FLOAT_SLACK`
+    (conservative: √ amplifies the error of d near 0).
     """
     d64 = _f64(d).clamp(0.0, 2.0)
     rho = movement_bound(eps, ref_norm).to(d64.device)
-    d_lo = (d64 - FLOAT_SLACK).clamp_min(0.0)
-    d_hi = (d64 + FLOAT_SLACK).clamp(max=2.0)
-    lo = torch.maximum(0.5 * (torch.sqrt(2 * d_lo) - rho).clamp_min(0) ** 2, d_lo - rho).clamp_min(0.0)
-    hi = torch.minimum(0.5 * (torch.sqrt(2 * d_hi) + rho) ** 2, d_hi + rho).clamp(max=2.0)
+    if s is None:
+        s_lo = torch.sqrt(2 * (d64 - FLOAT_SLACK).clamp_min(0.0))
+        s_hi = torch.sqrt(2 * (d64 + FLOAT_SLACK).clamp(max=2.0))
+    else:
+        s64 = _f64(s)
+        s_lo, s_hi = (s64 - EMBED_SLACK).clamp_min(0.0), (s64 + EMBED_SLACK).clamp(max=2.0)
+    d_lo, d_hi = 0.5 * s_lo**2, 0.5 * s_hi**2
+    lo = torch.maximum(0.5 * (s_lo - rho).clamp_min(0) ** 2, d_lo - rho).clamp_min(0.0)
+    hi = torch.minimum(0.5 * (s_hi + rho) ** 2, d_hi + rho).clamp(max=2.0)
     return lo.to(torch.float32), hi.to(torch.float32)
 
 

@@ -22,7 +22,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .archs import ArchConfig, build_backbone, list_archs, get_config
+from .archs import ArchConfig, build_backbone, get_config, list_archs
 from .errors import CheckpointError
 from .model import EMBEDDINGS, LipSim
 
@@ -140,8 +140,12 @@ def normalise_published_keys(state: dict) -> dict:
 
 
 def _published_config(state: dict, out_dim: int) -> ArchConfig:
-    conv_idx = sorted({int(k.split(".")[1]) for k in state if k.startswith("convs.") and k.endswith(".kernel")})
-    lin_idx = sorted({int(k.split(".")[1]) for k in state if k.startswith("linear.") and k.endswith(".weight")})
+    conv_idx = sorted(
+        {int(k.split(".")[1]) for k in state if k.startswith("convs.") and k.endswith(".kernel")}
+    )
+    lin_idx = sorted(
+        {int(k.split(".")[1]) for k in state if k.startswith("linear.") and k.endswith(".weight")}
+    )
     if not conv_idx or not lin_idx:
         raise CheckpointError("no SLL convolution/linear weights found (not a LipSim checkpoint?)")
     if conv_idx != list(range(len(conv_idx))) or lin_idx != list(range(1, len(lin_idx) + 1)):
@@ -154,9 +158,17 @@ def _published_config(state: dict, out_dim: int) -> ArchConfig:
     side = int(round(side2**0.5))
     if side * side * channels != flat:
         raise CheckpointError(f"linear input size {flat} does not match {channels} channels")
+    if out_dim > flat:
+        raise CheckpointError(f"out_dim {out_dim} exceeds the network's {flat} features (pass out_dim=...)")
     fields = dict(
-        family="published", out_dim=out_dim, input_size=side * 16, depth=len(conv_idx), channels=channels,
-        conv_size=conv_size, depth_linear=len(lin_idx), n_features=n_features,
+        family="published",
+        out_dim=out_dim,
+        input_size=side * 16,
+        depth=len(conv_idx),
+        channels=channels,
+        conv_size=conv_size,
+        depth_linear=len(lin_idx),
+        n_features=n_features,
     )
     for name in list_archs():
         cfg = get_config(name)
@@ -181,7 +193,7 @@ def load_published(path, out_dim: int = PUBLISHED_OUT_DIM, embedding: str = "pla
             f"{path}: refused: the file holds Python objects that weights-only loading will not "
             f"execute (it could run code); lipsim never unpickles untrusted files [{first[:120]}]"
         ) from None
-    except (RuntimeError, OSError, EOFError, ValueError, AttributeError, ImportError) as exc:
+    except Exception as exc:  # any failure to parse a user file is a one-line error
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if "weights_only" in str(exc) or "Weights only" in str(exc):
             raise CheckpointError(
@@ -213,11 +225,12 @@ def _is_safetensors(path: Path) -> bool:
     return 0 < n < 100_000_000 and head[8:9] == b"{"
 
 
-def load(source=None, device="cpu", embedding: str | None = None) -> LipSim:
+def load(source=None, device="cpu", embedding: str | None = None, out_dim: int = PUBLISHED_OUT_DIM) -> LipSim:
     """Loads a model: ``None``/"default" (packaged), a ``.safetensors`` file, or a published ``.pth``.
 
     The model is returned in eval mode with gradients off for its parameters (input gradients
-    still work). Nothing is downloaded.
+    still work). Nothing is downloaded. ``out_dim`` applies to published checkpoints only (their
+    truncation size is not stored in the file: 1792 for the DreamSim-ensemble teacher).
     """
     if source is None or source == "default":
         path = default_model_path()
@@ -229,9 +242,11 @@ def load(source=None, device="cpu", embedding: str | None = None) -> LipSim:
         return _load_safetensors(path, device, embedding)
     path = Path(source)
     if not path.exists():
-        hint = f" (architectures: {', '.join(list_archs())} are built with lipsim.create_model)" if str(
-            source
-        ) in list_archs() else ""
+        hint = (
+            f" (architectures: {', '.join(list_archs())} are built with lipsim.create_model)"
+            if str(source) in list_archs()
+            else ""
+        )
         raise CheckpointError(f"{path}: no such model file{hint}")
     if path.is_dir():
         candidate = path / "model.safetensors"
@@ -243,4 +258,4 @@ def load(source=None, device="cpu", embedding: str | None = None) -> LipSim:
         raise CheckpointError(f"{path}: empty file")
     if _is_safetensors(path):
         return _load_safetensors(path, device, embedding)
-    return load_published(path, embedding=embedding or "plain", device=device)
+    return load_published(path, out_dim=out_dim, embedding=embedding or "plain", device=device)

@@ -78,7 +78,9 @@ def _to_float_rgb(img: Image.Image, name: str) -> Image.Image | np.ndarray:
 
 def _resize_float(arr: np.ndarray, size: int) -> np.ndarray:
     channels = [
-        np.asarray(Image.fromarray(arr[..., c].astype(np.float32), mode="F").resize((size, size), Image.BICUBIC))
+        np.asarray(
+            Image.fromarray(arr[..., c].astype(np.float32), mode="F").resize((size, size), Image.BICUBIC)
+        )
         for c in range(3)
     ]
     return np.clip(np.stack(channels, axis=2), 0.0, 1.0)

@@ -139,11 +139,14 @@ class LipSim(nn.Module):
         g_ref, g0, g1 = g[:n], g[n : 2 * n], g[2 * n :]
         d0 = 1.0 - (g_ref * g0).sum(dim=1)
         d1 = 1.0 - (g_ref * g1).sum(dim=1)
-        closer = torch.where(d0 < d1, 0, torch.where(d1 < d0, 1, -1)).long()
+        gap = d1 - d0
+        closer = torch.where(gap > certify.TIE_TOL, 0, torch.where(gap < -certify.TIE_TOL, 1, -1)).long()
         if self.embedding == "append":
             radius = certify.radius_2afc(d0, d1, g0, g1)
         else:
-            radius = certify.radius_2afc_plain(d0, d1, g0, g1, torch.linalg.vector_norm(f[:n].double(), dim=1))
+            radius = certify.radius_2afc_plain(
+                d0, d1, g0, g1, torch.linalg.vector_norm(f[:n].double(), dim=1)
+            )
         radius = torch.where(closer < 0, torch.zeros_like(radius), radius)
         return certify.Certificate2AFC(closer=closer, d0=d0.float(), d1=d1.float(), radius=radius)
 
@@ -160,8 +163,9 @@ class LipSim(nn.Module):
         f = self.features(torch.cat([x, y.to(x.device)]).to(self.device, torch.float32))
         g = self._normalise(f).double()
         d = 1.0 - (g[:n] * g[n:]).sum(dim=1)
+        s = torch.linalg.vector_norm(g[:n] - g[n:], dim=1)
         ref_norm = None if self.embedding == "append" else torch.linalg.vector_norm(f[:n].double(), dim=1)
-        return certify.distance_interval(d, eps, ref_norm)
+        return certify.distance_interval(d, eps, ref_norm, s=s)
 
     # -- reduced precision (never certified) ----------------------------------------------------
     @torch.no_grad()

@@ -142,14 +142,18 @@ def verify_model(
 
     for name, module in leaves:
         if isinstance(module, LipschitzModule):
-            entry = LayerReport(name, type(module).__name__, float(module.lipschitz_bound), module.bound_reason)
+            entry = LayerReport(
+                name, type(module).__name__, float(module.lipschitz_bound), module.bound_reason
+            )
         else:
             entry = LayerReport(name, type(module).__name__, None, "no proven bound: not certifiable")
         if isinstance(module, SLLLinear):
             entry.algebra_ok = _sll_linear_algebra_ok(module)
         if name in captured:
             with exact_float32():
-                entry.estimate = float(jacobian_spectral_norm(module, captured[name], iters=iters, seed=seed)[0])
+                entry.estimate = float(
+                    jacobian_spectral_norm(module, captured[name], iters=iters, seed=seed)[0]
+                )
         report.layers.append(entry)
 
     if model.embedding == "plain":

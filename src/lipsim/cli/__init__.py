@@ -128,8 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # last resort: still one line, but say it is a bug
         if os.environ.get("LIPSIM_DEBUG"):
             raise
+        first = str(exc).splitlines()[0] if str(exc) else ""
         print(
-            f"lipsim {args.command}: internal error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            f"lipsim {args.command}: internal error: {type(exc).__name__}: {first}"
             " (set LIPSIM_DEBUG=1 for a traceback)",
             file=sys.stderr,
         )

@@ -10,9 +10,11 @@ UNITS = "ℓ2 norm over the 224×224 RGB image with pixels in [0,1]; 36/255 ≈ 
 
 
 def _untrained_note(model) -> str:
-    return "\nnote: this architecture has random, untrained weights: the numbers are not perceptual" if getattr(
-        model, "untrained", False
-    ) else ""
+    return (
+        "\nnote: this architecture has random, untrained weights: the numbers are not perceptual"
+        if getattr(model, "untrained", False)
+        else ""
+    )
 
 
 def cmd_distance(args) -> int:
@@ -71,8 +73,9 @@ def cmd_compare(args) -> int:
             f"{closer} is closer to REF.\ncertificate: no perturbation of REF with norm below {radius:.4f} "
             f"({UNITS}) can change this answer"
         )
-    text = f"d(REF, A) = {float(cert.d0[0]):.6f}\nd(REF, B) = {float(cert.d1[0]):.6f}\n{verdict}" + _untrained_note(
-        model
+    text = (
+        f"d(REF, A) = {float(cert.d0[0]):.6f}\nd(REF, B) = {float(cert.d1[0]):.6f}\n{verdict}"
+        + _untrained_note(model)
     )
     emit(args, payload, text)
     return 0
