@@ -1,0 +1,242 @@
+"""Trains the packaged default model from offline assets only: the record of how it was made.
+
+Steps (each skipped when its output exists, so the script resumes; every command is printed):
+
+1. ``corpus``   scripts/build_corpus.py -> data/corpus/{train,heldout}
+2. ``pool``     scripts/build_pool.py   -> data/pool (augmented 224×224 training images)
+3. ``cache``    offline-ensemble teacher embeddings of the pool -> data/pool_cache_ensemble
+4. ``distill``  lipsim train distill (student s2d-compact, targets from the cache)
+5. ``synth``    lipsim make-2afc on the training photos (split train) and the held-out photos (test)
+6. ``finetune`` lipsim train finetune --margin M for every margin in --margins
+7. ``evaluate`` lipsim eval night on the held-out triplets for every fine-tuned model
+
+    python scripts/train_default.py --steps all
+    python scripts/train_default.py --steps finetune,evaluate --margins 0.05,0.1,0.2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PY = sys.executable
+STEPS = ("corpus", "pool", "cache", "distill", "synth", "finetune", "evaluate")
+
+
+def run(cmd: list[str], log: Path | None = None) -> None:
+    print("$ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
+    start = time.time()
+    if log is None:
+        subprocess.run(cmd, check=True, cwd=ROOT)
+    else:
+        with open(log, "w") as fh:
+            subprocess.run(cmd, check=True, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT)
+    print(f"  ({time.time() - start:.0f} s)", flush=True)
+
+
+def build_cache(pool: Path, cache: Path, teacher: str) -> None:
+    import torch
+
+    from lipsim.data import ImageFolderDataset
+    from lipsim.teachers import get_teacher
+    from lipsim.teachers.cache import build_embedding_cache
+
+    torch.manual_seed(0)
+    build_embedding_cache(
+        get_teacher(teacher), ImageFolderDataset(pool), cache, batch_size=32, progress=False
+    )
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", default="all", help=f"comma-separated subset of {','.join(STEPS)} or 'all'")
+    p.add_argument(
+        "--work", type=Path, default=Path("data"), help="folder for corpus, pool, caches, triplets"
+    )
+    p.add_argument("--runs", type=Path, default=Path("runs/default"))
+    p.add_argument("--arch", default="s2d-compact")
+    p.add_argument("--teacher", default="offline-ensemble")
+    p.add_argument("--pool-size", type=int, default=8000)
+    p.add_argument("--distill-epochs", type=int, default=3)
+    p.add_argument("--distill-lr", type=float, default=0.005)
+    p.add_argument("--target-scale", type=float, default=2.0)
+    p.add_argument("--train-triplets", type=int, default=3000)
+    p.add_argument("--heldout-triplets", type=int, default=600)
+    p.add_argument("--margins", default="0.1")
+    p.add_argument("--finetune-epochs", type=int, default=1)
+    p.add_argument("--finetune-lr", type=float, default=1e-3)
+    p.add_argument("--batch-size", type=int, default=32)
+    args = p.parse_args()
+    steps = STEPS if args.steps == "all" else tuple(s.strip() for s in args.steps.split(","))
+    unknown = set(steps) - set(STEPS)
+    if unknown:
+        p.error(f"unknown steps {sorted(unknown)}")
+    os.chdir(ROOT)
+    work, runs = args.work, args.runs
+    corpus, pool = work / "corpus", work / "pool"
+    cache = work / f"pool_cache_{args.teacher.removeprefix('offline-')}"
+    synth_train, synth_heldout = work / "synth_train", work / "synth_heldout"
+    distill = runs / "distill"
+    runs.mkdir(parents=True, exist_ok=True)
+    lipsim = [PY, "-m", "lipsim"]
+    common = ["--no-progress", "--num-workers", "1", "--checkpoint-every", "100", "--log-every", "10"]
+
+    if "corpus" in steps and not (corpus / "manifest.json").exists():
+        run([PY, "scripts/build_corpus.py", "--out", str(corpus)])
+    if "pool" in steps and not (pool / "pool.json").exists():
+        run(
+            [
+                PY,
+                "scripts/build_pool.py",
+                "--corpus",
+                str(corpus / "train"),
+                "--out",
+                str(pool),
+                "--n",
+                str(args.pool_size),
+            ]
+        )
+    if "cache" in steps and not (cache / "meta.json").exists():
+        print(f"building the {args.teacher} embedding cache of {pool} -> {cache}", flush=True)
+        build_cache(pool, cache, args.teacher)
+    if "distill" in steps and not (distill / "model.safetensors").exists():
+        resume = ["--resume"] if (distill / "checkpoints" / "last.pt").exists() else []
+        run(
+            lipsim
+            + [
+                "train",
+                "distill",
+                "--data-dir",
+                str(pool),
+                "--teacher",
+                str(cache),
+                "--arch",
+                args.arch,
+                "--out",
+                str(distill),
+                "--epochs",
+                str(args.distill_epochs),
+                "--batch-size",
+                str(args.batch_size),
+                "--lr",
+                str(args.distill_lr),
+                "--views",
+                "published",
+                "--target-scale",
+                str(args.target_scale),
+                "--warmup",
+                "50",
+                *common,
+                *resume,
+            ]
+        )
+    if "synth" in steps:
+        if not (synth_train / "data.csv").exists():
+            run(
+                lipsim
+                + [
+                    "make-2afc",
+                    "--images",
+                    str(corpus / "train" / "photos"),
+                    "--out",
+                    str(synth_train),
+                    "--n",
+                    str(args.train_triplets),
+                    "--split",
+                    "train",
+                    "--seed",
+                    "1",
+                ]
+            )
+        if not (synth_heldout / "data.csv").exists():
+            run(
+                lipsim
+                + [
+                    "make-2afc",
+                    "--images",
+                    str(corpus / "heldout" / "photos"),
+                    "--out",
+                    str(synth_heldout),
+                    "--n",
+                    str(args.heldout_triplets),
+                    "--split",
+                    "test",
+                    "--seed",
+                    "2",
+                ]
+            )
+    margins = [m.strip() for m in args.margins.split(",") if m.strip()]
+    if "finetune" in steps:
+        for margin in margins:
+            out = runs / f"finetune_m{margin}"
+            if (out / "model.safetensors").exists():
+                continue
+            resume = ["--resume"] if (out / "checkpoints" / "last.pt").exists() else []
+            run(
+                lipsim
+                + [
+                    "train",
+                    "finetune",
+                    "--dataset",
+                    "night",
+                    "--data-dir",
+                    str(synth_train),
+                    "--init",
+                    str(distill / "model.safetensors"),
+                    "--margin",
+                    margin,
+                    "--out",
+                    str(out),
+                    "--epochs",
+                    str(args.finetune_epochs),
+                    "--batch-size",
+                    str(args.batch_size),
+                    "--lr",
+                    str(args.finetune_lr),
+                    *common,
+                    *resume,
+                ]
+            )
+    if "evaluate" in steps:
+        candidates = [("distill", distill)] + [(f"m{m}", runs / f"finetune_m{m}") for m in margins]
+        for label, folder in candidates:
+            model = folder / "model.safetensors"
+            out = runs / f"eval_{label}"
+            if model.exists() and not (out / "result.json").exists():
+                out.mkdir(parents=True, exist_ok=True)
+                run(
+                    lipsim
+                    + [
+                        "eval",
+                        "night",
+                        "--data-dir",
+                        str(synth_heldout),
+                        "--split",
+                        "test",
+                        "--model",
+                        str(model),
+                        "--json",
+                        "--out",
+                        str(out),
+                    ],
+                    log=out / "stdout.json",
+                )
+                (out / "result.json").write_text((out / "stdout.json").read_text())
+        for label, _ in candidates:
+            result = runs / f"eval_{label}" / "result.json"
+            if result.exists():
+                data = json.loads(result.read_text())
+                cert = ", ".join(f"{c['eps']:.3f}: {c['score']:.3f}" for c in data.get("certified", []))
+                print(f"{label:>10}: natural {data.get('natural_2afc'):.3f}  certified {cert}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
