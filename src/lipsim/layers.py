@@ -12,11 +12,15 @@ Networks" (ICLR 2023), in the parametrisation that the published LipSim checkpoi
 
 from __future__ import annotations
 
+import contextlib
 import math
+import weakref
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 __all__ = [
     "LipschitzModule",
@@ -69,27 +73,136 @@ class LipschitzModule(nn.Module):
     bound_reason: str = ""
 
 
+#: Parameters that some cached rescaling depends on, by id (held weakly).
+_CACHED_PARAMS: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
+#: Bumped after every optimizer step that touches one of those parameters.
+_optimizer_generation = 0
+
+
+def _note_optimizer_step(optimizer, args, kwargs) -> None:
+    """Global optimizer post-step hook. Fused optimizers (``Adam(fused=True)`` and friends) write
+    parameters in place *without* bumping their version counters, so versions alone would let a
+    cache outlive such a step; a step over any cached parameter invalidates every cache."""
+    global _optimizer_generation
+    if len(_CACHED_PARAMS) == 0:
+        return
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if _CACHED_PARAMS.get(id(p)) is p:
+                _optimizer_generation += 1
+                return
+
+
+register_optimizer_step_post_hook(_note_optimizer_step)
+
+# Backends of torch's fp32-precision settings, parents before children (setting a parent
+# overwrites its children, so they are restored in this order).
+_FP32_PRECISION_PATHS = (
+    (),
+    ("cuda", "matmul"),
+    ("cudnn",),
+    ("cudnn", "conv"),
+    ("cudnn", "rnn"),
+    ("mkldnn",),
+    ("mkldnn", "matmul"),
+    ("mkldnn", "conv"),
+    ("mkldnn", "rnn"),
+)
+
+
+def _precision_objects() -> list:
+    objs = []
+    for path in _FP32_PRECISION_PATHS:
+        obj = torch.backends
+        for name in path:
+            obj = getattr(obj, name, None)
+        if obj is not None and hasattr(obj, "fp32_precision"):
+            objs.append(obj)
+    return objs
+
+
+@contextlib.contextmanager
+def _ieee_float32(device_type: str) -> Iterator[None]:
+    """IEEE float32 arithmetic for the block whatever the caller set globally (TF32, bf16
+    "medium" matmul precision, autocast); every setting is restored afterwards. Used to compute
+    the cached rescaling, which certificates later rely on."""
+    objs = _precision_objects()
+    saved = [o.fp32_precision for o in objs]
+    try:
+        for o in objs:
+            o.fp32_precision = "ieee"
+        with torch.autocast(device_type, enabled=False):
+            yield
+    finally:
+        for o, value in zip(objs, saved, strict=True):
+            o.fp32_precision = value
+
+
+def _autodiff_free(*tensors: torch.Tensor) -> bool:
+    """True when no autodiff mode (autograd, forward AD, torch.func) records ops on ``tensors``,
+    so that intermediate buffers may be overwritten in place."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False
+    if getattr(torch.autograd.forward_ad, "_current_level", 0) >= 0:
+        return False
+    return not any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
+
+
 class _CachedRescaling(LipschitzModule):
     """Caches the inverse rescaling ``2/t`` while no gradient can flow to the parameters.
 
     In eval-mode inference (and attacks, which need input gradients only) the normalisation is
-    computed once and reused until a parameter changes in place (tracked by tensor versions).
+    computed once and reused until a parameter changes. A change is seen through the parameters'
+    version counters (in-place updates, ``load_state_dict``, foreach optimizers), their storage
+    (``.to()``, reassignment; the cache keeps the old storage alive so that an address cannot be
+    reused) and a global optimizer hook (fused optimizers do not bump versions). Writes through
+    ``param.data`` (or a NumPy view) bypass all of these: PyTorch does not track them.
+    The cached value is always computed in IEEE float32 (no TF32/bf16 matmuls, no autocast),
+    whichever path fills it, because certified outputs reuse it. With gradients flowing to the
+    parameters (training) it is recomputed on every forward, under the caller's settings.
     """
 
-    def _param_key(self) -> tuple:
-        return tuple((p._version, p.data_ptr(), p.dtype, p.device) for p in self.parameters())
+    def _param_key(self, params: tuple[torch.Tensor, ...]) -> tuple:
+        return (_optimizer_generation,) + tuple(
+            (p._version, p.data_ptr(), p.dtype, p.device, tuple(p.shape), p.stride()) for p in params
+        )
 
     def _scale(self) -> torch.Tensor:
-        needs_graph = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
+        params = tuple(self.parameters())
+        needs_graph = torch.is_grad_enabled() and any(p.requires_grad for p in params)
         if needs_graph:
             return 2.0 * safe_inverse(self._rescaling())
-        key = self._param_key()
-        cached = getattr(self, "_cache", None)
-        if cached is None or cached[0] != key:
-            with torch.no_grad():
-                cached = (key, 2.0 * safe_inverse(self._rescaling()))
-            self._cache = cached
-        return cached[1]
+        device_type = params[0].device.type
+        if any(p.is_inference() for p in params):  # no version counters to watch: never cache
+            with torch.no_grad(), _ieee_float32(device_type):
+                return 2.0 * safe_inverse(self._rescaling())
+        key = self._param_key(params)
+        cached = self.__dict__.get("_cache")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        # outside inference mode, so that a value cached under it can be saved for backward later
+        with torch.inference_mode(False), torch.no_grad(), _ieee_float32(device_type):
+            scale = 2.0 * safe_inverse(self._rescaling())
+        for p in params:
+            _CACHED_PARAMS[id(p)] = p
+        self.__dict__["_cache"] = (key, scale, tuple(p.detach() for p in params))
+        return scale
+
+    def _drop_cache(self) -> None:
+        self.__dict__.pop("_cache", None)
+
+    def _apply(self, fn, recurse: bool = True):
+        self._drop_cache()
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._drop_cache()
+        return super()._load_from_state_dict(*args, **kwargs)
+
+    def __getstate__(self):
+        state = dict(super().__getstate__())
+        state.pop("_cache", None)  # derived data: never pickled or deep-copied
+        return state
 
     def _rescaling(self) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -129,8 +242,11 @@ class SLLConv2d(_CachedRescaling):
         scale = self._scale().to(x.dtype)
         kernel = self.kernel.to(x.dtype)
         res = F.conv2d(x, kernel, bias=self.bias.view(-1).to(x.dtype), padding=pad)
-        res = F.relu(res) * scale.view(1, -1, 1, 1)
-        return x - F.conv_transpose2d(res, kernel, padding=pad)
+        res = F.relu(res, inplace=True) * scale.view(1, -1, 1, 1)
+        out = F.conv_transpose2d(res, kernel, padding=pad)
+        if _autodiff_free(x, out):
+            return torch.sub(x, out, out=out)  # nothing records this step: reuse the buffer
+        return x - out
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, inner={self.inner}"
@@ -164,7 +280,7 @@ class SLLLinear(_CachedRescaling):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.weight.to(x.dtype)
-        res = F.relu(F.linear(x, weight, self.bias.view(-1).to(x.dtype)))
+        res = F.relu(F.linear(x, weight, self.bias.view(-1).to(x.dtype)), inplace=True)
         res = res * self._scale().to(x.dtype)
         return x - res @ weight
 

@@ -1,0 +1,270 @@
+"""Fast exact inference for LipSim backbones: the same function, fewer passes over memory.
+
+Entry point: :func:`optimize` (``lipsim.fast.optimize(model) -> model``). It changes how a
+backbone is evaluated when nothing records gradients (eval inference, certificates, retrieval),
+never what it computes: every rewrite below is an identity of real arithmetic, so outputs agree
+with the plain layer-by-layer forward up to float rounding (tests hold float32 to a relative error
+of 1e-5). Whenever a gradient may be needed (training, attacks that differentiate through the
+model, ``torch.func`` transforms, forward-mode AD), under an autocast whose dtype differs from
+the input's, or when a layer carries hooks or is of an unknown subclass, the plain forward runs
+unchanged.
+
+What is fused, for one SLL convolution ``h(x) = x - 𝒦*(s · ReLU(𝒦x + b))`` with ``s = 2/t ≥ 0``:
+
+* the rescaling ``s`` (cached by :mod:`lipsim.layers` until the weights change) is folded into
+  the small kernel and bias, ``s·ReLU(z) = ReLU(s·z)`` for ``s ≥ 0``; bias and ReLU are fused into
+  the first convolution (oneDNN post-op on CPU);
+* the transposed convolution is the convolution with the spatially flipped, channel-transposed
+  kernel (stride 1, "same" padding), and ``x - 𝒦*(·)`` is that convolution with the negated kernel
+  accumulated *into x's own buffer* (oneDNN sum post-op on CPU, ``add_`` elsewhere);
+* activations are kept channels-last; a run of consecutive SLL convolutions works in place on
+  one buffer that the runner owns (a copy of its input is taken once per run, never of the
+  caller's tensor).
+
+So each SLL convolution reads the activation twice and writes it once, instead of allocating and
+streaming it through five separate ops. The SLL linear layer uses ``addmm`` for its bias and
+residual. The oneDNN (``torch.ops.mkldnn``) kernels are private PyTorch operators: they are only
+used after a self-check against the portable kernels on the running machine succeeded, else the
+portable PyTorch kernels (``conv2d`` + ``add_``), which also serve CUDA, are used.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .archs import LipschitzBackbone
+from .layers import SLLConv2d, SLLLinear, SpaceToDepth, ZeroChannelPad, _autodiff_free
+
+__all__ = ["FastLipschitzBackbone", "optimize", "restore", "is_optimized", "kernels_for"]
+
+_CL = torch.channels_last
+
+
+def _backbone_of(model: nn.Module) -> LipschitzBackbone:
+    backbone = getattr(model, "backbone", model)
+    if not isinstance(backbone, LipschitzBackbone):
+        raise TypeError(f"expected a LipSim model or a LipschitzBackbone, got {type(model).__name__}")
+    return backbone
+
+
+def optimize(model: nn.Module) -> nn.Module:
+    """Makes ``model`` (a :class:`lipsim.LipSim` or a backbone) use the fused inference path.
+
+    Works in place and returns ``model``. Parameters, state-dict keys, ``isinstance`` checks,
+    saving and loading are unchanged (only the backbone's class becomes the
+    :class:`FastLipschitzBackbone` subclass); :func:`restore` undoes it.
+    """
+    backbone = _backbone_of(model)
+    if type(backbone) is LipschitzBackbone:
+        backbone.__class__ = FastLipschitzBackbone
+    elif not isinstance(backbone, FastLipschitzBackbone):
+        raise TypeError(f"cannot optimize a {type(backbone).__name__} (a LipschitzBackbone subclass)")
+    return model
+
+
+def restore(model: nn.Module) -> nn.Module:
+    """Undoes :func:`optimize` (in place); returns ``model``."""
+    backbone = _backbone_of(model)
+    if type(backbone) is FastLipschitzBackbone:
+        backbone.__class__ = LipschitzBackbone
+    return model
+
+
+def is_optimized(model: nn.Module) -> bool:
+    return isinstance(_backbone_of(model), FastLipschitzBackbone)
+
+
+# -- kernels -----------------------------------------------------------------------------------
+
+
+#: per layer: (the cached scale it was derived from, dtype, kernel set, derived tensors); weakly
+#: keyed, so nothing is added to the layers themselves (pickling and deep copies are unaffected)
+_FOLDED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _folded_conv(layer: SLLConv2d, x: torch.Tensor, use_mkldnn: bool) -> tuple:
+    """(s·K, s·b, -flip(K)ᵀ, padding) in x's dtype, rebuilt only when the layer's cached scale
+    is (i.e. when a parameter changed). For oneDNN the kernels are pre-packed once into its
+    blocked layout (valid for any batch size), which saves a weight reorder per call."""
+    scale = layer._scale()
+    dtype = x.dtype
+    memo = _FOLDED.get(layer)
+    if memo is not None and memo[0] is scale and memo[1] == dtype and memo[2] == use_mkldnn:
+        return memo[3]
+    with torch.inference_mode(False), torch.no_grad():
+        kernel = layer.kernel.detach()
+        pad = kernel.shape[-1] // 2
+        k1 = (kernel * scale.view(-1, 1, 1, 1)).to(dtype).contiguous(memory_format=_CL)
+        b1 = (layer.bias.detach().view(-1) * scale).to(dtype)
+        k2 = kernel.neg().transpose(0, 1).flip(-2, -1).to(dtype).contiguous(memory_format=_CL)
+        if use_mkldnn:
+            p, one = [pad, pad], [1, 1]
+            size = list(x.shape)
+            k1 = torch.ops.mkldnn._reorder_convolution_weight(k1, p, one, one, 1, size)
+            k2 = torch.ops.mkldnn._reorder_convolution_weight(
+                k2, p, one, one, 1, [size[0], k2.shape[1]] + size[2:]
+            )
+    out = (k1, b1, k2, pad)
+    # holding ``scale`` keeps its identity unique while the entry lives
+    _FOLDED[layer] = (scale, dtype, use_mkldnn, out)
+    return out
+
+
+def _conv_portable(x: torch.Tensor, k1, b1, k2, pad: int) -> torch.Tensor:
+    res = F.conv2d(x, k1, b1, padding=pad).relu_()
+    return x.add_(F.conv2d(res, k2, padding=pad))
+
+
+def _conv_mkldnn(x: torch.Tensor, k1, b1, k2, pad: int) -> torch.Tensor:
+    ops = torch.ops.mkldnn
+    p, one = [pad, pad], [1, 1]
+    res = ops._convolution_pointwise(x, k1, b1, p, one, one, 1, "relu", [], "")
+    return ops._convolution_pointwise_.binary(x, res, k2, None, p, one, one, 1, "add", None, None, [], None)
+
+
+def _sll_conv_inplace(layer: SLLConv2d, x: torch.Tensor, use_mkldnn: bool) -> torch.Tensor:
+    """``x ← x - 𝒦*(s·ReLU(𝒦x + b))`` computed in x's own (channels-last) buffer."""
+    k1, b1, k2, pad = _folded_conv(layer, x, use_mkldnn)
+    if use_mkldnn:
+        return _conv_mkldnn(x, k1, b1, k2, pad)
+    return _conv_portable(x, k1, b1, k2, pad)
+
+
+def _sll_linear(layer: SLLLinear, x: torch.Tensor) -> torch.Tensor:
+    """``x - Wᵀ(s·ReLU(Wx + b))`` with bias and residual inside the two GEMMs (x is 2-D)."""
+    scale = layer._scale().to(x.dtype)
+    weight = layer.weight.detach().to(x.dtype)
+    res = torch.addmm(layer.bias.detach().view(-1).to(x.dtype), x, weight.t()).relu_().mul_(scale)
+    return torch.addmm(x, res, weight, alpha=-1)
+
+
+def _space_to_depth_cl(x: torch.Tensor, r: int) -> torch.Tensor:
+    """``pixel_unshuffle(x, r)`` written straight into a new channels-last buffer (one pass)."""
+    b, c, h, w = x.shape
+    if h % r or w % r:
+        return F.pixel_unshuffle(x, r)  # let the plain op raise its own error
+    out = torch.empty((b, h // r, w // r, c, r, r), dtype=x.dtype, device=x.device)
+    out.copy_(x.reshape(b, c, h // r, r, w // r, r).permute(0, 2, 4, 1, 3, 5))
+    return out.view(b, h // r, w // r, c * r * r).permute(0, 3, 1, 2)
+
+
+def _zero_pad_cl(x: torch.Tensor, channels: int) -> torch.Tensor:
+    """:class:`ZeroChannelPad` into a new channels-last buffer."""
+    b, c, h, w = x.shape
+    if c > channels:
+        raise ValueError(f"cannot pad {c} channels down to {channels}")
+    out = torch.empty((b, channels, h, w), dtype=x.dtype, device=x.device, memory_format=_CL).zero_()
+    out[:, :c].copy_(x)
+    return out
+
+
+_MKLDNN_STATUS: dict[torch.dtype, bool] = {}
+
+
+def _mkldnn_ok(dtype: torch.dtype) -> bool:
+    """Whether the oneDNN fused ops exist here and agree with the portable kernels (checked once
+    per dtype and process, on a small random layer)."""
+    if dtype in _MKLDNN_STATUS:
+        return _MKLDNN_STATUS[dtype]
+    ok = False
+    try:
+        if torch.backends.mkldnn.is_available() and dtype in (torch.float32, torch.bfloat16):
+            if dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+                raise RuntimeError("no bf16 support")
+            gen = torch.Generator().manual_seed(0)
+            layer = SLLConv2d(13, 5)
+            with torch.no_grad():
+                for p in layer.parameters():
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+            layer.requires_grad_(False)
+            x = torch.randn(2, 13, 9, 11, generator=gen).to(dtype).contiguous(memory_format=_CL)
+            with torch.no_grad():
+                a = _sll_conv_inplace(layer, x.clone(memory_format=_CL), True).float()
+                b = _sll_conv_inplace(layer, x.clone(memory_format=_CL), False).float()
+            tol = 1e-5 if dtype == torch.float32 else 3e-2
+            ok = bool(torch.isfinite(a).all()) and float((a - b).norm() / b.norm()) <= tol
+    except (RuntimeError, AttributeError, NotImplementedError):
+        ok = False
+    _MKLDNN_STATUS[dtype] = ok
+    return ok
+
+
+def kernels_for(device: torch.device | str, dtype: torch.dtype = torch.float32) -> str:
+    """Which SLL-convolution kernels the fused path uses for ``device``/``dtype``:
+    "mkldnn" (CPU, oneDNN post-op fusion, self-checked) or "portable" (PyTorch ops)."""
+    device = torch.device(device)
+    return "mkldnn" if device.type == "cpu" and _mkldnn_ok(dtype) else "portable"
+
+
+# -- the runner --------------------------------------------------------------------------------
+
+_FAST_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    return bool(
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or getattr(module, "_backward_hooks", None)
+        or getattr(module, "_backward_pre_hooks", None)
+    )
+
+
+def _global_hooks() -> bool:
+    from torch.nn.modules import module as m
+
+    return bool(
+        getattr(m, "_global_forward_hooks", None)
+        or getattr(m, "_global_forward_pre_hooks", None)
+        or getattr(m, "_global_backward_hooks", None)
+        or getattr(m, "_global_backward_pre_hooks", None)
+    )
+
+
+class FastLipschitzBackbone(LipschitzBackbone):
+    """A :class:`LipschitzBackbone` whose gradient-free forward runs the fused kernels.
+
+    Same parameters, buffers and state dict; created by :func:`optimize`, never directly.
+    """
+
+    def _fast_applicable(self, x: torch.Tensor) -> bool:
+        if x.dim() != 4 or x.dtype not in _FAST_DTYPES:
+            return False
+        if x.dtype == torch.float16 and x.device.type == "cpu":
+            return False
+        if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
+            return False
+        if not _autodiff_free(x):
+            return False
+        dev = x.device.type
+        if torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev):
+            if torch.get_autocast_dtype(dev) != x.dtype:
+                return False
+        return not _global_hooks()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._fast_applicable(x):
+            return super().forward(x)
+        use_mkldnn = x.device.type == "cpu" and _mkldnn_ok(x.dtype)
+        with torch.no_grad():
+            owned = False  # whether x is a buffer this runner created and may overwrite
+            for _, layer in self.lipschitz_layers():
+                kind = type(layer) if not _has_hooks(layer) else None
+                if kind is SLLConv2d and x.dim() == 4:
+                    if not owned:
+                        x = torch.empty_like(x, memory_format=_CL).copy_(x)
+                        owned = True
+                    x = _sll_conv_inplace(layer, x, use_mkldnn)
+                elif kind is SLLLinear and x.dim() == 2:
+                    x, owned = _sll_linear(layer, x), True
+                elif kind is SpaceToDepth and x.dim() == 4:
+                    x, owned = _space_to_depth_cl(x, layer.r), True
+                elif kind is ZeroChannelPad and x.dim() == 4:
+                    x, owned = _zero_pad_cl(x, layer.channels), True
+                else:
+                    x, owned = layer(x), False
+        return x
