@@ -46,7 +46,7 @@ def test_small_forward_shape_on_real_sized_images():
     assert torch.allclose(g.norm(dim=1), torch.ones(2), atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["tiny", "tiny-s2d", "s2d-compact", "s2d-small"])
+@pytest.mark.parametrize("name", ["tiny", "tiny-s2d", "s2d-lite", "s2d-compact", "s2d-small"])
 def test_every_leaf_declares_a_bound(name):
     backbone = build_backbone(name)
     for _, layer in backbone.lipschitz_layers():
@@ -73,7 +73,11 @@ def test_s2d_stem_is_an_isometry_of_the_input():
     assert torch.allclose((a - b).flatten(1).norm(dim=1), (x - y).flatten(1).norm(dim=1))
 
 
-def test_default_candidate_fits_size_budget():
+@pytest.mark.parametrize("name", ["s2d-lite", "s2d-compact"])
+def test_default_candidates_fit_size_budget(name):
+    import dataclasses
+
+    config = dataclasses.replace(get_config(name), out_dim=2712)  # the offline-ensemble teacher's size
     with torch.device("meta"):
-        n = sum(p.numel() for p in build_backbone("s2d-compact").parameters())
+        n = sum(p.numel() for p in build_backbone(config).parameters())
     assert n * 4 <= 40 * 1024 * 1024

@@ -153,3 +153,23 @@ def test_cached_rescaling_follows_weight_updates():
     fresh.load_state_dict(layer.state_dict())
     assert torch.allclose(layer(x), fresh(x), atol=1e-6)
     assert not torch.allclose(first, layer(x))
+
+
+def test_cache_sees_untracked_writes_through_data():
+    """`param.data` writes bypass version counters; the value fingerprint still catches them."""
+    layer = SLLConv2d(3, 4).eval().requires_grad_(False)
+    x = torch.randn(1, 3, 8, 8)
+    layer(x)
+    layer.kernel.data.mul_(3.0)
+    fresh = SLLConv2d(3, 4).requires_grad_(False)
+    fresh.load_state_dict(layer.state_dict())
+    assert torch.allclose(layer(x), fresh(x), atol=1e-6)
+    assert jacobian_spectral_norm(layer, x, iters=30).max() <= 1 + 1e-4
+
+
+def test_shift_is_an_isometry():
+    from lipsim.layers import Shift
+
+    x, y = torch.rand(2, 3, 8, 8), torch.rand(2, 3, 8, 8)
+    shift = Shift(0.5)
+    assert torch.allclose(shift(x) - shift(y), x - y)

@@ -25,6 +25,7 @@ from torch import nn
 from .layers import (
     Flatten,
     LipschitzModule,
+    Shift,
     SLLConv2d,
     SLLLinear,
     SpaceToDepth,
@@ -54,6 +55,7 @@ class ArchConfig:
     stages: tuple[tuple[int, int], ...] = ()
     pool: int = 4
     linear_width: int = 0  # 0: the flattened size
+    center: float = 0.0  # s2d family: subtract this constant first (an isometry)
     # both
     depth_linear: int = 0
     n_features: int = 1024
@@ -144,7 +146,10 @@ def _build_s2d(c: ArchConfig) -> LipschitzBackbone:
     div = c.s2d * 2 ** (len(c.stages) - 1) * c.pool
     if c.input_size % div:
         raise ValueError(f"input size {c.input_size} is not divisible by {div}")
-    layers: OrderedDict[str, nn.Module] = OrderedDict(stem=SpaceToDepth(c.s2d))
+    layers: OrderedDict[str, nn.Module] = OrderedDict()
+    if c.center:
+        layers["center"] = Shift(c.center)
+    layers["stem"] = SpaceToDepth(c.s2d)
     channels = 3 * c.s2d**2
     for i, (n_convs, inner) in enumerate(c.stages):
         block: list[nn.Module] = []
@@ -234,6 +239,19 @@ register(
         pool=7,
         depth_linear=2,
         n_features=1024,
+    )
+)
+register(
+    ArchConfig(
+        "s2d-lite",
+        "s2d",
+        out_dim=1024,
+        s2d=4,
+        stages=((3, 16), (4, 32)),
+        pool=7,
+        depth_linear=2,
+        n_features=512,
+        center=0.5,
     )
 )
 

@@ -28,6 +28,7 @@ __all__ = [
     "SLLLinear",
     "ZeroChannelPad",
     "SumPool",
+    "Shift",
     "SpaceToDepth",
     "Flatten",
     "Truncate",
@@ -148,6 +149,14 @@ def _autodiff_free(*tensors: torch.Tensor) -> bool:
     return not any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
 
 
+def _fingerprint(params: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """Sum and sum of squares of every parameter, in float64: changes with any realistic edit."""
+    with torch.no_grad():
+        return torch.stack(
+            [v for p in params for v in (p.sum(dtype=torch.float64), p.square().sum(dtype=torch.float64))]
+        )
+
+
 class _CachedRescaling(LipschitzModule):
     """Caches the inverse rescaling ``2/t`` while no gradient can flow to the parameters.
 
@@ -156,7 +165,9 @@ class _CachedRescaling(LipschitzModule):
     version counters (in-place updates, ``load_state_dict``, foreach optimizers), their storage
     (``.to()``, reassignment; the cache keeps the old storage alive so that an address cannot be
     reused) and a global optimizer hook (fused optimizers do not bump versions). Writes through
-    ``param.data`` (or a NumPy view) bypass all of these: PyTorch does not track them.
+    ``param.data`` (or a NumPy view) bypass all of these: PyTorch does not track them, so the
+    cache also compares a float64 fingerprint of the parameter values (sum and sum of squares,
+    one cheap pass over the weights) before reusing anything.
     The cached value is always computed in IEEE float32 (no TF32/bf16 matmuls, no autocast),
     whichever path fills it, because certified outputs reuse it. With gradients flowing to the
     parameters (training) it is recomputed on every forward, under the caller's settings.
@@ -177,15 +188,16 @@ class _CachedRescaling(LipschitzModule):
             with torch.no_grad(), _ieee_float32(device_type):
                 return 2.0 * safe_inverse(self._rescaling())
         key = self._param_key(params)
+        fingerprint = _fingerprint(params)
         cached = self.__dict__.get("_cache")
-        if cached is not None and cached[0] == key:
+        if cached is not None and cached[0] == key and torch.equal(cached[3], fingerprint):
             return cached[1]
         # outside inference mode, so that a value cached under it can be saved for backward later
         with torch.inference_mode(False), torch.no_grad(), _ieee_float32(device_type):
             scale = 2.0 * safe_inverse(self._rescaling())
         for p in params:
             _CACHED_PARAMS[id(p)] = p
-        self.__dict__["_cache"] = (key, scale, tuple(p.detach() for p in params))
+        self.__dict__["_cache"] = (key, scale, tuple(p.detach() for p in params), fingerprint)
         return scale
 
     def _drop_cache(self) -> None:
@@ -324,6 +336,25 @@ class SumPool(LipschitzModule):
 
     def extra_repr(self) -> str:
         return f"k={self.k}"
+
+
+class Shift(LipschitzModule):
+    """Subtracts a constant: ``x - c``. Isometry (bound 1): differences are unchanged.
+
+    Centring [0, 1] pixels at 0.5 removes the large constant component a backbone would
+    otherwise have to learn to cancel; certificates are unaffected."""
+
+    bound_reason = "isometry: a translation"
+
+    def __init__(self, value: float):
+        super().__init__()
+        self.value = float(value)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x - self.value
+
+    def extra_repr(self) -> str:
+        return f"value={self.value}"
 
 
 class SpaceToDepth(LipschitzModule):

@@ -250,10 +250,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--arch", required=True, help=f"student architecture ({', '.join(list_archs())})")
     p.add_argument(
         "--views",
-        choices=("published", "random-resized"),
+        choices=("published", "random-resized", "single"),
         default="published",
-        help="published: centre crop 224 at native resolution (ImageNet); random-resized: random "
-        "resized crops (small photo folders)",
+        help="published: centre crop 224 at native resolution (ImageNet) and a colour-jittered copy; "
+        "random-resized: random resized crops (small photo folders); single: the centre crop only "
+        "(half the compute, no colour invariance taught)",
     )
     p.add_argument(
         "--target-scale", type=float, default=1.0, help="multiply teacher embeddings by this factor"

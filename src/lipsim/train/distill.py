@@ -68,11 +68,16 @@ class DistillConfig(LoopConfig):
         super().validate()
         from ..data import VIEW_MODES
 
-        if self.views not in VIEW_MODES:
+        if self.views not in VIEW_MODES + (SINGLE_VIEW,):
             raise ValueError(f"unknown view mode {self.views!r} (choose from {', '.join(VIEW_MODES)})")
         if not (math.isfinite(self.target_scale) and self.target_scale > 0):
             raise ValueError(f"target scale must be a positive number, got {self.target_scale}")
         get_config(self.arch)  # unknown architecture: a one-line error before anything starts
+
+
+#: distil on view a (centre crop + flip) only: the published colour-jittered second view teaches
+#: colour invariance, which a metric that must rank colour distortions does not want
+SINGLE_VIEW = "single"
 
 
 def rmse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -152,7 +157,8 @@ class DistillTask(TrainTask):
         self.model = student if student is not None else build_student(cfg.arch, self.dim)
         if self.model.backbone.out_dim != self.dim:
             raise ValueError(f"student output {self.model.backbone.out_dim} != teacher dimension {self.dim}")
-        self.dataset = DistillDataset(cfg.data_dir, mode=cfg.views, seed=cfg.seed, size=self.model.input_size)
+        mode = "published" if cfg.views == SINGLE_VIEW else cfg.views
+        self.dataset = DistillDataset(cfg.data_dir, mode=mode, seed=cfg.seed, size=self.model.input_size)
         self._checked = False
 
     def _targets(self, view_a: torch.Tensor, keys) -> torch.Tensor:
@@ -181,10 +187,13 @@ class DistillTask(TrainTask):
     def compute(self, net, batch, env):
         device = env.device
         view_a = batch["view_a"].to(device, non_blocking=True)
-        view_b = batch["view_b"].to(device, non_blocking=True)
         target = self._targets(view_a, batch["key"])
-        out = net(torch.cat([view_a, view_b])).float()
-        f_a, f_b = out.split(view_a.shape[0])
+        if self.cfg.views == SINGLE_VIEW:  # view a only: no colour-jittered copy, half the compute
+            f_a = f_b = net(view_a).float()
+        else:
+            view_b = batch["view_b"].to(device, non_blocking=True)
+            out = net(torch.cat([view_a, view_b])).float()
+            f_a, f_b = out.split(view_a.shape[0])
         loss, ra, rb = distill_loss(f_a, f_b, target)
         stats = {
             "loss": loss.detach(),
