@@ -133,6 +133,8 @@ class BaselineNet(nn.Module):
             x = F.avg_pool2d(x, 4, divisor_override=4)
             x = x.flatten(1)
         else:
+            if getattr(c, "center", 0.0):
+                x = x - c.center
             x = F.pixel_unshuffle(x, c.s2d)
             stage = 0
             for conv, s in zip(self.convs, self.stage_of, strict=True):
@@ -257,6 +259,20 @@ def bench_embedding(arch: str, batch: int, args, device: torch.device, rows: lis
         "lipsim fast": lambda: fast_model.embed(x),
         "lipsim bf16": lambda: fast_model.embed_fast(x),
     }
+    if args.compile and arch == args.default_arch:
+        compiled, seconds = compiled_backbone(fast_model, x)
+        with torch.no_grad(), exact_float32():
+            errs["torch.compile"] = rel_err(compiled(x), f_base)
+
+        def run_compiled():
+            with torch.no_grad(), exact_float32():
+                compiled(x)
+
+        fns["torch.compile"] = run_compiled
+        notes.append(
+            f"{arch}: torch.compile (inductor, freezing, fused weights as constants): first call "
+            f"{seconds:.1f} s incl. compilation; the frozen copy does not follow weight updates"
+        )
     refused = [k for k, e in errs.items() if e > REL_TOL]
     if errs_fast_vs_plain > REL_TOL and "lipsim fast" not in refused:
         refused.append("lipsim fast")
@@ -292,6 +308,56 @@ def bench_embedding(arch: str, batch: int, args, device: torch.device, rows: lis
     notes.append(
         f"{arch}: fused kernels on {device.type}: {kern}; fast vs plain rel err {errs_fast_vs_plain:.1e}"
     )
+
+
+class _FrozenBackbone(nn.Module):
+    """The fused inference function with the current weights baked in as buffers, written with
+    plain PyTorch ops so that inductor can trace it (for the optional torch.compile row)."""
+
+    def __init__(self, model: lipsim.LipSim, example: torch.Tensor):
+        super().__init__()
+        from lipsim.layers import SLLConv2d, SLLLinear
+
+        self.steps: list = []
+        for i, (_, layer) in enumerate(model.backbone.lipschitz_layers()):
+            if isinstance(layer, SLLConv2d):
+                k1, b1, k2, pad = fast._folded_conv(layer, example, False)
+                for name, t in (("k1", k1), ("b1", b1), ("k2", k2)):
+                    self.register_buffer(f"{name}_{i}", t.contiguous())
+                self.steps.append(("conv", i, pad))
+            elif isinstance(layer, SLLLinear):
+                self.register_buffer(f"w_{i}", layer.weight.detach().clone())
+                self.register_buffer(f"b_{i}", layer.bias.detach().view(-1).clone())
+                self.register_buffer(f"s_{i}", layer._scale().detach().clone())
+                self.steps.append(("linear", i, 0))
+            else:
+                self.steps.append(("module", layer, 0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for kind, i, pad in self.steps:
+            if kind == "conv":
+                res = F.relu(F.conv2d(x, getattr(self, f"k1_{i}"), getattr(self, f"b1_{i}"), padding=pad))
+                x = x + F.conv2d(res, getattr(self, f"k2_{i}"), padding=pad)
+            elif kind == "linear":
+                w = getattr(self, f"w_{i}")
+                res = F.relu(F.linear(x, w, getattr(self, f"b_{i}"))) * getattr(self, f"s_{i}")
+                x = x - res @ w
+            else:
+                x = i(x)
+        return x
+
+
+def compiled_backbone(model: lipsim.LipSim, x: torch.Tensor):
+    """``torch.compile`` of the frozen fused backbone; returns (callable, seconds of the first call)."""
+    import torch._inductor.config as inductor_config
+
+    inductor_config.freezing = True
+    frozen = _FrozenBackbone(model, x).eval()
+    compiled = torch.compile(frozen)
+    t = time.perf_counter()
+    with torch.no_grad(), exact_float32():
+        compiled(x)
+    return compiled, time.perf_counter() - t
 
 
 def bench_training(arch: str, batch: int, args, device: torch.device, rows: list, notes: list) -> None:
@@ -449,11 +515,22 @@ def memory_probe(spec: dict) -> dict:
             net(x).square().mean().backward()
             opt.step()
 
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = _peak_rss_mib()
     with torch.no_grad() if spec["task"] == "embed" else torch.enable_grad():
         fn()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"rss_before_mib": before / 1024, "rss_peak_mib": peak / 1024}
+    return {"rss_before_mib": before, "rss_peak_mib": _peak_rss_mib()}
+
+
+def _peak_rss_mib() -> float:
+    """Peak resident set size of this process in MiB. VmHWM belongs to the address space, so
+    it starts afresh at exec; ru_maxrss would carry the parent's peak over (fork + exec)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def measure_memory(rows: list, args) -> None:
@@ -659,6 +736,11 @@ def main() -> int:
     p.add_argument(
         "--train-channels-last", action="store_true", help="also time training on channels-last input"
     )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time torch.compile of the default arch (minutes of compiling)",
+    )
     p.add_argument("--dreamsim-on-cpu", action="store_true")
     p.add_argument("--dreamsim-patches", default="16,32,32", help="ViT-B patch sizes of the ensemble")
     p.add_argument("--quick", action="store_true", help="smoke run: batch 2, 2 repeats, no memory/CLI")
@@ -695,6 +777,10 @@ def main() -> int:
         "torch": torch.__version__,
         "command": " ".join([Path(sys.executable).name] + sys.argv),
         "load": "{:.2f} {:.2f} {:.2f} (1/5/15 min)".format(*os.getloadavg()),
+        "env": " ".join(
+            f"{k}={os.environ[k]}" for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY") if k in os.environ
+        )
+        or "(no OMP_* settings)",
     }
     rows: list = []
     cli_rows: list = []
@@ -713,8 +799,8 @@ def main() -> int:
         print("[memory] one subprocess per row ...", file=sys.stderr, flush=True)
         measure_memory(rows, args)
         notes.append(
-            "peak RSS: ru_maxrss of a fresh process that built the model and ran one call "
-            "(weights + activations + allocator; tracemalloc does not see torch's C++ allocations)"
+            "peak RSS: VmHWM of a fresh process that built the model and ran one call (python + torch "
+            "+ weights + activations; tracemalloc does not see torch's C++ allocations)"
         )
     if not gpu and not args.no_cli:
         print("[cli] subprocess timings ...", file=sys.stderr, flush=True)

@@ -81,7 +81,7 @@ def test_fused_sll_linear_matches_plain():
         assert rel_err(fast._sll_linear(layer, x), layer(x)) <= REL
 
 
-@pytest.mark.parametrize("arch", ["tiny", "tiny-s2d", "s2d-compact"])
+@pytest.mark.parametrize("arch", ["tiny", "tiny-s2d", "s2d-compact", "s2d-lite"])
 def test_optimized_model_matches_plain(arch, images):
     plain = randomise(lipsim.create_model(arch), seed=1).requires_grad_(False)
     quick = fast.optimize(copy.deepcopy(plain))
@@ -197,6 +197,22 @@ def test_fast_path_follows_weight_updates(images):
     fast.restore(plain)
     after = model.embed(images)
     assert rel_err(after, plain.embed(images)) <= REL and not torch.allclose(after, before)
+
+
+def test_cache_and_fast_path_see_writes_through_data(images):
+    # .data writes bypass version counters; the value fingerprint catches them, row swaps included
+    layer = randomise(SLLLinear(16, 6)).eval().requires_grad_(False)
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        layer(x)
+        layer.weight.data.copy_(layer.weight.data[[1, 0, 2, 3, 4, 5]])
+        assert torch.equal(layer(x), fresh_copy(layer)(x))
+    model = fast.optimize(randomise(lipsim.create_model("tiny-s2d"), seed=10).requires_grad_(False))
+    model.embed(images)
+    conv = next(m for _, m in model.backbone.lipschitz_layers() if isinstance(m, SLLConv2d))
+    conv.kernel.data.mul_(2.0)
+    plain = fast.restore(copy.deepcopy(model))
+    assert rel_err(model.embed(images), plain.embed(images)) <= REL
 
 
 def test_cache_filled_in_inference_mode_allows_input_gradients():

@@ -150,11 +150,17 @@ def _autodiff_free(*tensors: torch.Tensor) -> bool:
 
 
 def _fingerprint(params: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """Sum and sum of squares of every parameter, in float64: changes with any realistic edit."""
+    """Per-row sum and ℓ2 norm of every parameter (rows = first dimension): changes with any
+    realistic edit, row permutations included. Reduced in the parameters' own dtype, which runs
+    at memory speed (about 2 ms per 36 MB weight on one core); a float64-accumulated sum takes
+    the scalar path, ~30x slower (0.95 s per forward of 'small'). Edits below float32 rounding
+    of a row sum could go unseen; they move T by a relative ~1e-7, far below FLOAT_SLACK."""
     with torch.no_grad():
-        return torch.stack(
-            [v for p in params for v in (p.sum(dtype=torch.float64), p.square().sum(dtype=torch.float64))]
-        )
+        parts = []
+        for p in params:
+            rows = p.reshape(p.shape[0], -1) if p.dim() > 1 else p.reshape(1, -1)
+            parts += [rows.sum(dim=1), torch.linalg.vector_norm(rows, dim=1)]
+        return torch.cat(parts)
 
 
 class _CachedRescaling(LipschitzModule):
@@ -166,8 +172,8 @@ class _CachedRescaling(LipschitzModule):
     (``.to()``, reassignment; the cache keeps the old storage alive so that an address cannot be
     reused) and a global optimizer hook (fused optimizers do not bump versions). Writes through
     ``param.data`` (or a NumPy view) bypass all of these: PyTorch does not track them, so the
-    cache also compares a float64 fingerprint of the parameter values (sum and sum of squares,
-    one cheap pass over the weights) before reusing anything.
+    cache also compares a fingerprint of the parameter values (per-row sums and norms, see
+    :func:`_fingerprint`) before reusing anything.
     The cached value is always computed in IEEE float32 (no TF32/bf16 matmuls, no autocast),
     whichever path fills it, because certified outputs reuse it. With gradients flowing to the
     parameters (training) it is recomputed on every forward, under the caller's settings.
