@@ -61,18 +61,19 @@ def main() -> int:
         "--work", type=Path, default=Path("data"), help="folder for corpus, pool, caches, triplets"
     )
     p.add_argument("--runs", type=Path, default=Path("runs/default"))
-    p.add_argument("--arch", default="s2d-compact")
+    p.add_argument("--arch", default="s2d-lite")
     p.add_argument("--teacher", default="offline-ensemble")
     p.add_argument("--pool-size", type=int, default=8000)
-    p.add_argument("--distill-epochs", type=int, default=3)
-    p.add_argument("--distill-lr", type=float, default=0.005)
+    p.add_argument("--distill-steps", type=int, default=300)
+    p.add_argument("--distill-lr", type=float, default=0.01)
     p.add_argument("--target-scale", type=float, default=2.0)
-    p.add_argument("--train-triplets", type=int, default=3000)
+    p.add_argument("--train-triplets", type=int, default=2400)
     p.add_argument("--heldout-triplets", type=int, default=600)
-    p.add_argument("--margins", default="0.1")
+    p.add_argument("--margins", default="0.05,0.1")
     p.add_argument("--finetune-epochs", type=int, default=1)
     p.add_argument("--finetune-lr", type=float, default=1e-3)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--distill-batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=32, help="fine-tuning batch (triplets)")
     args = p.parse_args()
     steps = STEPS if args.steps == "all" else tuple(s.strip() for s in args.steps.split(","))
     unknown = set(steps) - set(STEPS)
@@ -86,7 +87,7 @@ def main() -> int:
     distill = runs / "distill"
     runs.mkdir(parents=True, exist_ok=True)
     lipsim = [PY, "-m", "lipsim"]
-    common = ["--no-progress", "--num-workers", "1", "--checkpoint-every", "100", "--log-every", "10"]
+    common = ["--no-progress", "--num-workers", "0", "--checkpoint-every", "25", "--log-every", "5"]
 
     if "corpus" in steps and not (corpus / "manifest.json").exists():
         run([PY, "scripts/build_corpus.py", "--out", str(corpus)])
@@ -121,18 +122,18 @@ def main() -> int:
                 args.arch,
                 "--out",
                 str(distill),
-                "--epochs",
-                str(args.distill_epochs),
+                "--steps",
+                str(args.distill_steps),
                 "--batch-size",
-                str(args.batch_size),
+                str(args.distill_batch_size),
                 "--lr",
                 str(args.distill_lr),
                 "--views",
-                "published",
+                "single",
                 "--target-scale",
                 str(args.target_scale),
                 "--warmup",
-                "50",
+                "20",
                 *common,
                 *resume,
             ]

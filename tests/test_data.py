@@ -389,3 +389,10 @@ def test_make_2afc_command(photos, tmp_path, capsys):
     text = capsys.readouterr().out
     assert text.startswith("wrote 3 triplets (val split") and "noise 3" in text
     assert NightDataset(tmp_path / "o", split="val").group_counts() == {"val": 3}
+
+
+def test_cli_family_names_match_the_generator():
+    from lipsim.cli.data import FAMILY_NAMES
+    from lipsim.data.synthetic import FAMILIES
+
+    assert tuple(FAMILIES) == FAMILY_NAMES

@@ -83,7 +83,7 @@ def test_fused_sll_linear_matches_plain():
 
 @pytest.mark.parametrize("arch", ["tiny", "tiny-s2d", "s2d-compact", "s2d-lite"])
 def test_optimized_model_matches_plain(arch, images):
-    plain = randomise(lipsim.create_model(arch), seed=1).requires_grad_(False)
+    plain = fast.restore(randomise(lipsim.create_model(arch), seed=1).requires_grad_(False))
     quick = fast.optimize(copy.deepcopy(plain))
     assert fast.is_optimized(quick) and not fast.is_optimized(plain)
     snapshot = images.clone()
@@ -119,7 +119,7 @@ def test_optimize_keeps_state_dict_saving_and_copies(tmp_path, images):
 
 
 def test_gradients_and_hooks_take_the_plain_path(images):
-    plain = randomise(lipsim.create_model("tiny"), seed=3).requires_grad_(False)
+    plain = fast.restore(randomise(lipsim.create_model("tiny"), seed=3).requires_grad_(False))
     quick = fast.optimize(copy.deepcopy(plain))
     x1 = images.clone().requires_grad_(True)
     x2 = images.clone().requires_grad_(True)
@@ -141,7 +141,7 @@ def test_gradients_and_hooks_take_the_plain_path(images):
 
 def test_bf16_fast_path_runs_on_cpu(images):
     model = fast.optimize(randomise(lipsim.create_model("tiny-s2d"), seed=4).requires_grad_(False))
-    plain = randomise(lipsim.create_model("tiny-s2d"), seed=4).requires_grad_(False)
+    plain = fast.restore(randomise(lipsim.create_model("tiny-s2d"), seed=4).requires_grad_(False))
     e16, e16_plain, e32 = model.embed_fast(images), plain.embed_fast(images), model.embed(images)
     assert e16.dtype == torch.float32 and torch.isfinite(e16).all()
     assert rel_err(e16, e32) < 3e-2 and rel_err(e16, e16_plain) < 3e-2
@@ -226,7 +226,7 @@ def test_cache_filled_in_inference_mode_allows_input_gradients():
 
 
 def test_cache_is_computed_in_ieee_float32_whoever_fills_it(images):
-    reference = randomise(lipsim.create_model("tiny-s2d"), seed=6).requires_grad_(False)
+    reference = fast.restore(randomise(lipsim.create_model("tiny-s2d"), seed=6).requires_grad_(False))
     expected = reference.embed(images)
     poisoned = copy.deepcopy(reference)
     poisoned.embed_fast(images)  # fills the cache under bf16 autocast
@@ -316,11 +316,6 @@ def test_certified_path_stays_float32_under_global_reduced_precision(images):
     assert c.radius.dtype in (torch.float32, torch.float64) and lo.dtype in (torch.float32, torch.float64)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="model.exact_float32 reads torch.get_float32_matmul_precision(), which raises once a caller "
-    "used torch's per-backend fp32_precision API; fix proposed to the model.py owner",
-)
 def test_certified_path_under_per_backend_precision_api(images):
     model = randomise(lipsim.create_model("tiny"), seed=8).requires_grad_(False)
     expected = model.embed(images)
@@ -333,11 +328,6 @@ def test_certified_path_under_per_backend_precision_api(images):
     assert torch.equal(got, expected)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="model.exact_float32 restores through the legacy setter, which leaves cuda.matmul and "
-    "mkldnn.matmul at 'ieee' instead of the 'none' (inherit) it found; fix proposed",
-)
 def test_exact_float32_restores_every_precision_setting():
     names = ["cuda.matmul", "mkldnn.matmul", "mkldnn.conv", "cudnn.conv"]
 

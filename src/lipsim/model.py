@@ -13,7 +13,6 @@ in float64 by :mod:`lipsim.certify`.
 from __future__ import annotations
 
 import contextlib
-import warnings
 from collections.abc import Iterator
 
 import torch
@@ -22,6 +21,7 @@ from torch import nn
 from . import certify
 from .archs import ArchConfig, LipschitzBackbone, build_backbone
 from .images import check_images
+from .layers import _ieee_float32
 
 __all__ = ["LipSim", "EMBEDDINGS", "exact_float32"]
 
@@ -30,25 +30,14 @@ EMBEDDINGS = ("append", "plain")
 
 @contextlib.contextmanager
 def exact_float32() -> Iterator[None]:
-    """Disables autocast (CPU and CUDA) and TF32 for the duration of the block."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        prev_prec = torch.get_float32_matmul_precision()
-        prev_cudnn = torch.backends.cudnn.allow_tf32
-        torch.set_float32_matmul_precision("highest")
-        torch.backends.cudnn.allow_tf32 = False
-    try:
-        with torch.autocast("cpu", enabled=False):
-            if torch.cuda.is_available():
-                with torch.autocast("cuda", enabled=False):
-                    yield
-            else:
+    """IEEE float32 for the block: autocast off (CPU and CUDA), no TF32/bf16 matmul or conv
+    precision, whatever the caller set (legacy or per-backend API); restored exactly afterwards."""
+    with _ieee_float32("cpu"):
+        if torch.cuda.is_available():
+            with _ieee_float32("cuda"):
                 yield
-    finally:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.set_float32_matmul_precision(prev_prec)
-            torch.backends.cudnn.allow_tf32 = prev_cudnn
+        else:
+            yield
 
 
 class LipSim(nn.Module):
@@ -62,6 +51,10 @@ class LipSim(nn.Module):
         super().__init__()
         if embedding not in EMBEDDINGS:
             raise ValueError(f"embedding must be one of {EMBEDDINGS}, got {embedding!r}")
+        if type(backbone) is LipschitzBackbone:  # fused exact kernels for gradient-free inference
+            from .fast import optimize
+
+            optimize(backbone)
         self.backbone = backbone
         self.embedding = embedding
 
