@@ -8,8 +8,10 @@ broken ones fail with a one-line :class:`ImageError` and never exhaust memory.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +20,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import ImageError
 
-__all__ = ["load_image", "check_images", "IMAGE_EXTENSIONS", "MAX_PIXELS", "to_pil"]
+__all__ = ["load_image", "open_image", "decoding", "check_images", "IMAGE_EXTENSIONS", "MAX_PIXELS", "to_pil"]
 
 #: a larger declared image is refused before decoding (decompression bombs)
 MAX_PIXELS = 100_000_000
@@ -86,13 +88,10 @@ def _resize_float(arr: np.ndarray, size: int) -> np.ndarray:
     return np.clip(np.stack(channels, axis=2), 0.0, 1.0)
 
 
-def load_image(source, size: int = 224) -> torch.Tensor:
-    """Loads a path or PIL image as a (1, 3, size, size) float32 tensor in [0, 1] (RGB, bicubic).
+def open_image(source) -> tuple[Image.Image, str]:
+    """Opens a path (or takes a PIL image) without decoding pixels, after the size checks.
 
-    Alpha is composited on white; EXIF orientation is applied; 16-bit and float images are
-    scaled by their bit depth. Raises :class:`lipsim.ImageError` (a ``ValueError``) with a
-    one-line message for missing, empty, truncated, oversized or non-image inputs.
-    """
+    Returns ``(image, name)``; raises :class:`ImageError` for unusable inputs."""
     if isinstance(source, Image.Image):
         img, name = source, "image"
     elif isinstance(source, (str, os.PathLike)):
@@ -104,14 +103,14 @@ def load_image(source, size: int = 224) -> torch.Tensor:
         raise ImageError(f"{name}: image has no pixels")
     if width * height > MAX_PIXELS:
         raise ImageError(f"{name}: image too large ({width}x{height} pixels, limit {MAX_PIXELS})")
+    return img, name
+
+
+@contextlib.contextmanager
+def decoding(name: str) -> Iterator[None]:
+    """Turns decoder failures inside the block into one-line :class:`ImageError`s."""
     try:
-        img.load()
-        img = ImageOps.exif_transpose(img)
-        rgb = _to_float_rgb(img, name)
-        if isinstance(rgb, np.ndarray):
-            arr = _resize_float(rgb, size)
-        else:
-            arr = np.asarray(rgb.resize((size, size), Image.BICUBIC), dtype=np.float32) / 255.0
+        yield
     except ImageError:
         raise
     except (OSError, SyntaxError, ValueError) as exc:
@@ -119,6 +118,24 @@ def load_image(source, size: int = 224) -> torch.Tensor:
         raise ImageError(f"{name}: cannot decode image ({msg})") from None
     except MemoryError:
         raise ImageError(f"{name}: not enough memory to decode image") from None
+
+
+def load_image(source, size: int = 224) -> torch.Tensor:
+    """Loads a path or PIL image as a (1, 3, size, size) float32 tensor in [0, 1] (RGB, bicubic).
+
+    Alpha is composited on white; EXIF orientation is applied; 16-bit and float images are
+    scaled by their bit depth. Raises :class:`lipsim.ImageError` (a ``ValueError``) with a
+    one-line message for missing, empty, truncated, oversized or non-image inputs.
+    """
+    img, name = open_image(source)
+    with decoding(name):
+        img.load()
+        img = ImageOps.exif_transpose(img)
+        rgb = _to_float_rgb(img, name)
+        if isinstance(rgb, np.ndarray):
+            arr = _resize_float(rgb, size)
+        else:
+            arr = np.asarray(rgb.resize((size, size), Image.BICUBIC), dtype=np.float32) / 255.0
     tensor = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)).permute(2, 0, 1)
     return tensor.unsqueeze(0).contiguous()
 

@@ -15,8 +15,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from ..errors import ImageError
-from ..images import MAX_PIXELS, _open, _to_float_rgb, to_pil
+from ..images import _to_float_rgb, decoding, open_image, to_pil
 
 __all__ = ["open_rgb", "pil_to_tensor", "quantize", "save_png", "jpeg_roundtrip"]
 
@@ -28,15 +27,9 @@ def open_rgb(path: str | os.PathLike, max_side: int | None = None) -> Image.Imag
     ``max_side``; JPEGs are then decoded at reduced scale, which is much faster for big photos.
     Raises :class:`lipsim.errors.ImageError` with a one-line message for unusable files.
     """
-    img = _open(path)
-    name = str(path)
-    width, height = img.size
-    if width < 1 or height < 1:
-        raise ImageError(f"{name}: image has no pixels")
-    if width * height > MAX_PIXELS:
-        raise ImageError(f"{name}: image too large ({width}x{height} pixels, limit {MAX_PIXELS})")
-    try:
-        if max_side is not None and img.format == "JPEG" and max(width, height) > max_side:
+    img, name = open_image(path)
+    with decoding(name):
+        if max_side is not None and img.format == "JPEG" and max(img.size) > max_side:
             img.draft("RGB", (max_side, max_side))
         img.load()
         img = ImageOps.exif_transpose(img)
@@ -46,13 +39,6 @@ def open_rgb(path: str | os.PathLike, max_side: int | None = None) -> Image.Imag
         if max_side is not None and max(rgb.size) > max_side:
             rgb = rgb.copy()
             rgb.thumbnail((max_side, max_side), Image.BICUBIC)
-    except ImageError:
-        raise
-    except (OSError, SyntaxError, ValueError) as exc:
-        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ImageError(f"{name}: cannot decode image ({msg})") from None
-    except MemoryError:
-        raise ImageError(f"{name}: not enough memory to decode image") from None
     return rgb
 
 
