@@ -20,7 +20,7 @@ import numpy as np
 
 from ..images import IMAGE_EXTENSIONS
 from .errors import DatasetError
-from .night import TripletRecord, load_triplet
+from .night import TripletDataset, TripletRecord
 
 __all__ = ["BappsDataset", "BAPPS_CATEGORIES", "find_bapps_2afc"]
 
@@ -66,7 +66,7 @@ def _read_judge(path: Path) -> float:
     return float(value[0])
 
 
-class BappsDataset:
+class BappsDataset(TripletDataset):
     """BAPPS 2AFC triplets of ``split`` (``"val"`` or ``"train"``) over ``categories``.
 
     ``categories=None`` takes the default list of the split that is present on disk (val:
@@ -134,19 +134,6 @@ class BappsDataset:
                 )
             )
         return records
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def __getitem__(self, index: int) -> dict:
-        return load_triplet(self.records[index], self.size)
-
-    def group_counts(self) -> dict[str, int]:
-        """Number of triplets per category, in category order."""
-        counts: dict[str, int] = {}
-        for record in self.records:
-            counts[record.group] = counts.get(record.group, 0) + 1
-        return counts
 
     def __repr__(self) -> str:
         return f"BappsDataset(root={str(self.root)!r}, split={self.split!r}, categories={self.categories})"

@@ -77,7 +77,28 @@ def _parse_float(text: str, column: str, where: str) -> float:
     return value
 
 
-class NightDataset:
+class TripletDataset:
+    """Shared behaviour of the 2AFC readers: ``records`` (a list of :class:`TripletRecord`) and
+    ``size``; items are loaded lazily by :func:`load_triplet`."""
+
+    records: list[TripletRecord]
+    size: int
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict:
+        return load_triplet(self.records[index], self.size)
+
+    def group_counts(self) -> dict[str, int]:
+        """Number of triplets per group (NIGHT split group, BAPPS category), in first-seen order."""
+        counts: dict[str, int] = {}
+        for record in self.records:
+            counts[record.group] = counts.get(record.group, 0) + 1
+        return counts
+
+
+class NightDataset(TripletDataset):
     """NIGHT triplets of one split with at least ``min_votes`` votes.
 
     Splits: ``"train"``, ``"val"``, ``"test"`` (= ``"test_imagenet"`` + ``"test_no_imagenet"``,
@@ -186,19 +207,6 @@ class NightDataset:
         if missing:
             more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
             raise DatasetError(f"missing image file {missing[0]}{more}")
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def __getitem__(self, index: int) -> dict:
-        return load_triplet(self.records[index], self.size)
-
-    def group_counts(self) -> dict[str, int]:
-        """Number of triplets per group, in first-seen order."""
-        counts: dict[str, int] = {}
-        for record in self.records:
-            counts[record.group] = counts.get(record.group, 0) + 1
-        return counts
 
     def __repr__(self) -> str:
         return f"NightDataset(root={str(self.root)!r}, split={self.split!r}, n={len(self)})"
