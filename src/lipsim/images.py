@@ -9,6 +9,7 @@ broken ones fail with a one-line :class:`ImageError` and never exhaust memory.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import warnings
 from collections.abc import Iterator
@@ -166,10 +167,12 @@ def check_images(x, name: str = "images", size: int | None = None) -> torch.Tens
             f"{name}: this model takes {size}x{size} images, got {x.shape[2]}x{x.shape[3]} "
             "(lipsim.load_image resizes)"
         )
-    with torch.no_grad():
-        if not torch.isfinite(x).all():
-            raise ValueError(f"{name}: contains NaN or infinite values")
-        lo, hi = float(x.min()), float(x.max())
+    if x.numel() == 0:
+        raise ValueError(f"{name}: empty batch")
+    with torch.no_grad():  # one pass: NaN propagates through aminmax, inf falls outside [0, 1]
+        lo, hi = (float(v) for v in torch.aminmax(x))
+    if math.isnan(lo) or math.isnan(hi) or math.isinf(lo) or math.isinf(hi):
+        raise ValueError(f"{name}: contains NaN or infinite values")
     if lo < 0.0 or hi > 1.0:
         raise ValueError(
             f"{name}: values must lie in [0, 1] (got [{lo:.3g}, {hi:.3g}]); "

@@ -83,15 +83,17 @@ class LipSim(nn.Module):
         return f"arch={self.arch!r}, embedding={self.embedding!r}"
 
     # -- the function ---------------------------------------------------------------------------
-    def _prepare(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        check_images(x, name, size=self.input_size)
-        return x.to(device=self.device, dtype=torch.float32)
+    def _features_of(self, *named: tuple[torch.Tensor, str]) -> torch.Tensor:
+        """Validates each (images, name) once, then runs the backbone once on their concatenation."""
+        for x, name in named:
+            check_images(x, name, size=self.input_size)
+        x = torch.cat([x.to(device=self.device, dtype=torch.float32) for x, _ in named])
+        with exact_float32():
+            return self.backbone(x).float()
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """The backbone output f(x), (B, k), float32; 1-Lipschitz in x."""
-        x = self._prepare(x, "images")
-        with exact_float32():
-            return self.backbone(x).float()
+        return self._features_of((x, "images"))
 
     def _normalise(self, f: torch.Tensor) -> torch.Tensor:
         if self.embedding == "append":
@@ -103,11 +105,8 @@ class LipSim(nn.Module):
         return self._normalise(self.features(x))
 
     def _embed_many(self, *xs: torch.Tensor, names: tuple[str, ...]) -> list[torch.Tensor]:
-        for x, name in zip(xs, names, strict=True):
-            check_images(x, name, size=self.input_size)
-        sizes = [x.shape[0] for x in xs]
-        g = self.embed(torch.cat([x.to(self.device, torch.float32) for x in xs]))
-        return list(torch.split(g, sizes))
+        g = self._normalise(self._features_of(*zip(xs, names, strict=True)))
+        return list(torch.split(g, [x.shape[0] for x in xs]))
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Distance ``1 - ⟨g(x), g(y)⟩`` in [0, 2], shape (B,); a batch of 1 broadcasts."""
@@ -125,9 +124,7 @@ class LipSim(nn.Module):
         if not (ref.shape[0] == x0.shape[0] == x1.shape[0]):
             raise ValueError("ref, x0 and x1 must have the same batch size")
         n = ref.shape[0]
-        for x, name in ((ref, "ref"), (x0, "x0"), (x1, "x1")):
-            check_images(x, name, size=self.input_size)
-        f = self.features(torch.cat([ref, x0, x1]).to(self.device, torch.float32))
+        f = self._features_of((ref, "ref"), (x0, "x0"), (x1, "x1"))
         g = self._normalise(f).double()
         g_ref, g0, g1 = g[:n], g[n : 2 * n], g[2 * n :]
         d0 = 1.0 - (g_ref * g0).sum(dim=1)
@@ -144,27 +141,36 @@ class LipSim(nn.Module):
         return certify.Certificate2AFC(closer=closer, d0=d0.float(), d1=d1.float(), radius=radius)
 
     @torch.no_grad()
-    def distance_interval(
+    def distance_with_interval(
         self, x: torch.Tensor, y: torch.Tensor, eps: float
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Bounds ``lo ≤ d(x + δ, y) ≤ hi`` for every ‖δ‖₂ ≤ eps (δ on x only)."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(d, lo, hi)``: the distance d(x, y) and bounds ``lo ≤ d(x + δ, y) ≤ hi`` for every
+        ‖δ‖₂ ≤ eps (δ on x only), from one forward pass."""
         if eps < 0:
             raise ValueError("eps must be non-negative")
-        check_images(x, "x", size=self.input_size)
-        check_images(y, "y", size=self.input_size)
+        if x.shape[0] != y.shape[0]:
+            raise ValueError(f"batch sizes {x.shape[0]} and {y.shape[0]} do not match")
         n = x.shape[0]
-        f = self.features(torch.cat([x, y.to(x.device)]).to(self.device, torch.float32))
+        f = self._features_of((x, "x"), (y, "y"))
         g = self._normalise(f).double()
         d = 1.0 - (g[:n] * g[n:]).sum(dim=1)
         s = torch.linalg.vector_norm(g[:n] - g[n:], dim=1)
         ref_norm = None if self.embedding == "append" else torch.linalg.vector_norm(f[:n].double(), dim=1)
-        return certify.distance_interval(d, eps, ref_norm, s=s)
+        lo, hi = certify.distance_interval(d, eps, ref_norm, s=s)
+        return d.float(), lo, hi
+
+    def distance_interval(
+        self, x: torch.Tensor, y: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Bounds ``lo ≤ d(x + δ, y) ≤ hi`` for every ‖δ‖₂ ≤ eps (δ on x only)."""
+        return self.distance_with_interval(x, y, eps)[1:]
 
     # -- reduced precision (never certified) ----------------------------------------------------
     @torch.no_grad()
     def embed_fast(self, x: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
         """Embeddings in reduced precision for ranking and retrieval. NOT certified."""
-        x = self._prepare(x, "images")
+        check_images(x, "images", size=self.input_size)
+        x = x.to(self.device)
         device_type = "cuda" if x.is_cuda else "cpu"
         with torch.autocast(device_type, dtype=dtype):
             f = self.backbone(x.to(dtype))

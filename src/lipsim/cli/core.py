@@ -24,8 +24,8 @@ def cmd_distance(args) -> int:
     a = lipsim.load_image(args.a, size=model.input_size)
     b = lipsim.load_image(args.b, size=model.input_size)
     eps = parse_eps_list(args.eps)[0]
-    d = float(model(a, b)[0])
-    lo, hi = model.distance_interval(a, b, eps)
+    d, lo, hi = model.distance_with_interval(a, b, eps)
+    d = float(d[0])
     payload = {
         "distance": d,
         "a": args.a,
