@@ -15,14 +15,21 @@ Movement bound. Let ``ρ(ε)`` bound ``‖g(x+δ) - g(x)‖`` over ``‖δ‖₂
 All results are computed in float64 from float32-or-wider embeddings, and every certified
 quantity is shrunk by :data:`FLOAT_SLACK`, an absolute allowance for the rounding error of the
 float32 forward pass, so a radius never rests on the last bits of a float.
+
+The mathematics is written once, in NumPy float64, and serves both engines: the functions take
+torch tensors or NumPy arrays, and return torch tensors (on the device of the first tensor
+argument) when any argument is one, NumPy arrays otherwise. This module never imports torch
+itself, so the torch-free command-line path (:mod:`lipsim.numpy_engine`) shares it.
 """
 
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
+from typing import Any
 
-import torch
+import numpy as np
 
 __all__ = [
     "FLOAT_SLACK",
@@ -34,6 +41,9 @@ __all__ = [
     "radius_2afc_plain",
     "distance_interval",
     "radius_threshold",
+    "normalise_features",
+    "interval_from_features",
+    "certificate_from_features",
 ]
 
 #: absolute slack (in distance units) subtracted from every certified margin
@@ -46,65 +56,119 @@ TIE_TOL = 1e-7
 
 @dataclass
 class Certificate2AFC:
-    """Result of :meth:`lipsim.LipSim.certify_2afc` (all tensors of shape (B,)).
+    """Result of :meth:`lipsim.LipSim.certify_2afc` (all arrays of shape (B,); torch tensors
+    from the torch model, NumPy arrays from the NumPy engine).
 
     ``closer``: 0 if x0 is closer to the reference, 1 if x1, -1 on a tie.
     ``radius``: no ℓ2 perturbation of the reference with norm < radius changes ``closer``
     ([0, 1] pixel units of the model's input); 0 for ties.
     """
 
-    closer: torch.Tensor
-    d0: torch.Tensor
-    d1: torch.Tensor
-    radius: torch.Tensor
+    closer: Any
+    d0: Any
+    d1: Any
+    radius: Any
 
-    def certified(self, eps: float) -> torch.Tensor:
+    def certified(self, eps: float):
         """Boolean mask of decisions that provably hold under every perturbation of norm ≤ eps."""
         return self.radius > eps
 
 
-def _f64(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().to(torch.float64)
+# -- array plumbing: torch or NumPy in, float64 NumPy inside, the caller's kind out --------------
 
 
-def _norm_upper(g0: torch.Tensor, g1: torch.Tensor) -> torch.Tensor:
+def _is_torch(x) -> bool:
+    return type(x).__module__.split(".", 1)[0] == "torch" and hasattr(x, "detach")
+
+
+def _f64(x) -> np.ndarray:
+    if _is_torch(x):
+        torch = sys.modules["torch"]
+        return x.detach().to("cpu", torch.float64).numpy()
+    return np.asarray(x, dtype=np.float64)
+
+
+def _template(*xs):
+    """The first torch tensor among ``xs`` (results go to its device), or None."""
+    return next((x for x in xs if _is_torch(x)), None)
+
+
+def _out(arr: np.ndarray, like, dtype: str):
+    """``arr`` as ``dtype`` ("float32", "float64", "int64", "bool"): a torch tensor on ``like``'s
+    device when ``like`` is a tensor, else a NumPy array."""
+    arr = np.ascontiguousarray(arr, dtype=np.dtype(dtype))
+    if like is None:
+        return arr
+    torch = sys.modules["torch"]
+    return torch.from_numpy(arr).to(like.device)
+
+
+def _norm_upper(g0: np.ndarray, g1: np.ndarray) -> np.ndarray:
     """‖g0 - g1‖ rounded up (relative 1e-6) so that dividing by it never overstates a radius."""
-    return torch.linalg.vector_norm(_f64(g0) - _f64(g1), dim=-1) * (1 + 1e-6)
+    return np.linalg.norm(g0 - g1, axis=-1) * (1 + 1e-6)
 
 
-def movement_bound(eps: float | torch.Tensor, ref_norm: torch.Tensor | None) -> torch.Tensor:
-    """Upper bound ρ on ‖g(x+δ) - g(x)‖ for ‖δ‖ ≤ eps (see the module docstring).
+def _safe_div(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    return num / np.maximum(den, 1e-300)
+
+
+# -- the bounds -------------------------------------------------------------------------------
+
+
+def _movement_bound(eps, r: np.ndarray | None) -> np.ndarray:
+    eps64 = np.asarray(eps, dtype=np.float64)
+    if r is None:
+        return np.minimum(eps64, 2.0)
+    r = np.maximum(r - FLOAT_SLACK, 0.0)
+    eps64 = np.broadcast_to(eps64, r.shape)
+    inside = eps64 < r
+    gap = np.where(inside, r - eps64, 1.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rho = np.where(inside, eps64 / np.sqrt(r * gap), 2.0)
+    rho = np.where(r - eps64 >= 1.0, np.minimum(rho, eps64), rho)
+    return np.minimum(rho, 2.0)
+
+
+def movement_bound(eps, ref_norm=None):
+    """Upper bound ρ on ‖g(x+δ) - g(x)‖ for ‖δ‖ ≤ eps (see the module docstring), float64.
 
     ``ref_norm`` is ‖f(x)‖ in plain mode, ``None`` in append mode.
     """
-    if ref_norm is None:
-        eps_t = torch.as_tensor(eps, dtype=torch.float64)
-        return eps_t.clamp(max=2.0)
-    r = (_f64(ref_norm) - FLOAT_SLACK).clamp_min(0.0)
-    eps_t = torch.as_tensor(eps, dtype=torch.float64).expand_as(r)
-    inside = eps_t < r
-    gap = torch.where(inside, r - eps_t, torch.ones_like(r))
-    rho = torch.where(inside, eps_t / torch.sqrt(r * gap), torch.full_like(r, 2.0))
-    rho = torch.where(r - eps_t >= 1.0, torch.minimum(rho, eps_t), rho)
-    return rho.clamp(max=2.0)
+    r = None if ref_norm is None else _f64(ref_norm)
+    return _out(_movement_bound(_f64(eps), r), _template(ref_norm, eps), "float64")
 
 
-def radius_2afc(d0: torch.Tensor, d1: torch.Tensor, g0: torch.Tensor, g1: torch.Tensor) -> torch.Tensor:
-    """Certified radius when g is 1-Lipschitz (append mode).
+def _radius_2afc(d0: np.ndarray, d1: np.ndarray, g0: np.ndarray, g1: np.ndarray) -> np.ndarray:
+    margin = np.abs(d0 - d1) - FLOAT_SLACK
+    b = _norm_upper(g0, g1)
+    return np.where((margin > 0) & (b > 0), _safe_div(margin, b), 0.0)
+
+
+def radius_2afc(d0, d1, g0, g1):
+    """Certified radius when g is 1-Lipschitz (append mode), float32.
 
     ``Δ(x) = d(x, x1) - d(x, x0) = ⟨g(x), g(x0) - g(x1)⟩`` moves by at most ``‖g(x+δ) - g(x)‖·B``
     with ``B = ‖g(x0) - g(x1)‖``, hence by at most ``‖δ‖·B``: the decision cannot flip for
     ``‖δ‖ < |d0 - d1|/B``. Ties (and anything within the float slack) get radius 0.
     """
-    margin = (_f64(d0) - _f64(d1)).abs() - FLOAT_SLACK
+    radius = _radius_2afc(_f64(d0), _f64(d1), _f64(g0), _f64(g1))
+    return _out(radius, _template(d0, d1, g0, g1), "float32")
+
+
+def _radius_2afc_plain(d0, d1, g0, g1, r) -> np.ndarray:
+    m = np.abs(d0 - d1) - FLOAT_SLACK
     b = _norm_upper(g0, g1)
-    radius = torch.where((margin > 0) & (b > 0), margin / b.clamp_min(1e-300), torch.zeros_like(margin))
-    return radius.to(torch.float32)
+    r = r - FLOAT_SLACK
+    ok = (m > 0) & (b > 0) & (r > 0)
+    m_ = np.maximum(m, 0.0)
+    b_ = np.maximum(b, 1e-300)
+    eps_star = r * m_ * (np.sqrt(m_**2 + 4 * b_**2) - m_) / (2 * b_**2)
+    proj = np.minimum(m_ / b_, np.maximum(r - 1, 0.0))
+    radius = np.minimum(np.maximum(eps_star, proj), m_ / b_)
+    return np.where(ok, radius, 0.0)
 
 
-def radius_2afc_plain(
-    d0: torch.Tensor, d1: torch.Tensor, g0: torch.Tensor, g1: torch.Tensor, ref_norm: torch.Tensor
-) -> torch.Tensor:
+def radius_2afc_plain(d0, d1, g0, g1, ref_norm):
     """Sound radius for plain normalisation (published checkpoints), lipsim-method.md §1.11-1.
 
     With ``m = |d0 - d1|``, ``B = ‖g0 - g1‖``, ``r = ‖f(x_ref)‖``: the decision holds while
@@ -112,23 +176,26 @@ def radius_2afc_plain(
     root of ``B·ε/√(r(r-ε)) = m``; (ii) for ``ε ≤ r - 1`` the projection argument gives
     ``ρ = ε`` and ``m/B``. Radius = ``max(ε*, min(m/B, r - 1))``; never the optimistic ``m/B``.
     """
-    m = (_f64(d0) - _f64(d1)).abs() - FLOAT_SLACK
-    b = _norm_upper(g0, g1)
-    r = _f64(ref_norm) - FLOAT_SLACK
-    ok = (m > 0) & (b > 0) & (r > 0)
-    m_ = m.clamp_min(0)
-    b_ = b.clamp_min(1e-300)
-    eps_star = r * m_ * (torch.sqrt(m_**2 + 4 * b_**2) - m_) / (2 * b_**2)
-    proj = torch.minimum(m_ / b_, (r - 1).clamp_min(0))
-    radius = torch.minimum(torch.maximum(eps_star, proj), m_ / b_)
-    radius = torch.where(ok, radius, torch.zeros_like(m))
-    return radius.to(torch.float32)
+    radius = _radius_2afc_plain(_f64(d0), _f64(d1), _f64(g0), _f64(g1), _f64(ref_norm))
+    return _out(radius, _template(d0, d1, g0, g1, ref_norm), "float32")
 
 
-def distance_interval(
-    d: torch.Tensor, eps: float, ref_norm: torch.Tensor | None = None, s: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Interval holding every d(x + δ, y) with ‖δ‖ ≤ eps, given d = d(x, y).
+def _distance_interval(d, eps, r, s) -> tuple[np.ndarray, np.ndarray]:
+    d64 = np.clip(d, 0.0, 2.0)
+    rho = _movement_bound(eps, r)
+    if s is None:
+        s_lo = np.sqrt(2 * np.maximum(d64 - FLOAT_SLACK, 0.0))
+        s_hi = np.sqrt(2 * np.minimum(d64 + FLOAT_SLACK, 2.0))
+    else:
+        s_lo, s_hi = np.maximum(s - EMBED_SLACK, 0.0), np.minimum(s + EMBED_SLACK, 2.0)
+    d_lo, d_hi = 0.5 * s_lo**2, 0.5 * s_hi**2
+    lo = np.maximum(np.maximum(0.5 * np.maximum(s_lo - rho, 0.0) ** 2, d_lo - rho), 0.0)
+    hi = np.minimum(np.minimum(0.5 * (s_hi + rho) ** 2, d_hi + rho), 2.0)
+    return lo, hi
+
+
+def distance_interval(d, eps: float, ref_norm=None, s=None):
+    """Interval (float32 lo, hi) holding every d(x + δ, y) with ‖δ‖ ≤ eps, given d = d(x, y).
 
     With ``s = ‖g(x) - g(y)‖ = √(2d)`` and the movement bound ρ, the triangle inequality gives
     ``‖g(x+δ) - g(y)‖ ∈ [s - ρ, s + ρ]``, so ``d' ∈ [½(s-ρ)₊², ½(s+ρ)²]``; also
@@ -139,21 +206,13 @@ def distance_interval(
     :data:`EMBED_SLACK`. Without it, s is derived from d widened by :data:`FLOAT_SLACK`
     (conservative: √ amplifies the error of d near 0).
     """
-    d64 = _f64(d).clamp(0.0, 2.0)
-    rho = movement_bound(eps, ref_norm).to(d64.device)
-    if s is None:
-        s_lo = torch.sqrt(2 * (d64 - FLOAT_SLACK).clamp_min(0.0))
-        s_hi = torch.sqrt(2 * (d64 + FLOAT_SLACK).clamp(max=2.0))
-    else:
-        s64 = _f64(s)
-        s_lo, s_hi = (s64 - EMBED_SLACK).clamp_min(0.0), (s64 + EMBED_SLACK).clamp(max=2.0)
-    d_lo, d_hi = 0.5 * s_lo**2, 0.5 * s_hi**2
-    lo = torch.maximum(0.5 * (s_lo - rho).clamp_min(0) ** 2, d_lo - rho).clamp_min(0.0)
-    hi = torch.minimum(0.5 * (s_hi + rho) ** 2, d_hi + rho).clamp(max=2.0)
-    return lo.to(torch.float32), hi.to(torch.float32)
+    r = None if ref_norm is None else _f64(ref_norm)
+    lo, hi = _distance_interval(_f64(d), float(eps), r, None if s is None else _f64(s))
+    like = _template(d, ref_norm, s)
+    return _out(lo, like, "float32"), _out(hi, like, "float32")
 
 
-def radius_threshold(d: torch.Tensor, threshold: float, ref_norm: torch.Tensor | None = None) -> torch.Tensor:
+def radius_threshold(d, threshold: float, ref_norm=None):
     """Largest ε such that ``d(x+δ, y) < T`` (or ``> T``) keeps its side for all ‖δ‖ < ε.
 
     Append mode: ``d' ∈ [½(s-ε)², ½(s+ε)²]`` and ``|d' - d| ≤ ε``; with ``t = √(2T)`` the verdict
@@ -163,12 +222,66 @@ def radius_threshold(d: torch.Tensor, threshold: float, ref_norm: torch.Tensor |
     """
     if ref_norm is not None:
         raise ValueError("threshold radii are implemented for append-mode (1-Lipschitz g) models only")
-    d64 = _f64(d).clamp(0.0, 2.0)
+    d64 = np.clip(_f64(d), 0.0, 2.0)
     # rounding in d is absorbed by taking the unfavourable end of [d - slack, d + slack]
-    d_lo = (d64 - FLOAT_SLACK).clamp_min(0.0)
+    d_lo = np.maximum(d64 - FLOAT_SLACK, 0.0)
     d_hi = d64 + FLOAT_SLACK
     t = math.sqrt(2 * threshold)
-    below = torch.maximum(t - torch.sqrt(2 * d_hi), threshold - d_hi)
-    above = torch.maximum(torch.sqrt(2 * d_lo) - t, d_lo - threshold)
-    radius = torch.where(d64 < threshold, below, above)
-    return radius.clamp_min(0.0).to(torch.float32)
+    below = np.maximum(t - np.sqrt(2 * d_hi), threshold - d_hi)
+    above = np.maximum(np.sqrt(2 * d_lo) - t, d_lo - threshold)
+    radius = np.maximum(np.where(d64 < threshold, below, above), 0.0)
+    return _out(radius, _template(d), "float32")
+
+
+# -- from backbone features to answers (shared by the torch model and the NumPy engine) -------
+
+
+def _normalise(f: np.ndarray, embedding: str) -> np.ndarray:
+    if embedding == "append":
+        f = np.concatenate([f, np.ones_like(f[:, :1])], axis=1)
+    elif embedding != "plain":
+        raise ValueError(f"unknown embedding mode {embedding!r}")
+    return f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
+
+
+def normalise_features(f, embedding: str):
+    """Unit-norm embeddings g (float64) from backbone features f (B, k)."""
+    return _out(_normalise(_f64(f), embedding), _template(f), "float64")
+
+
+def interval_from_features(fx, fy, eps: float, embedding: str):
+    """``(d, lo, hi)`` (float32, shape (B,)) from the backbone features of x and y: the distance
+    and bounds ``lo ≤ d(x + δ, y) ≤ hi`` for every ‖δ‖₂ ≤ eps (δ on x only)."""
+    if eps < 0:
+        raise ValueError("eps must be non-negative")
+    fx64, fy64 = _f64(fx), _f64(fy)
+    gx, gy = _normalise(fx64, embedding), _normalise(fy64, embedding)
+    d = 1.0 - np.sum(gx * gy, axis=1)
+    s = np.linalg.norm(gx - gy, axis=1)
+    r = None if embedding == "append" else np.linalg.norm(fx64, axis=1)
+    lo, hi = _distance_interval(d, float(eps), r, s)
+    like = _template(fx, fy)
+    return _out(d, like, "float32"), _out(lo, like, "float32"), _out(hi, like, "float32")
+
+
+def certificate_from_features(f_ref, f0, f1, embedding: str) -> Certificate2AFC:
+    """Which of x0, x1 is closer to the reference, and the certified radius around the reference,
+    from the backbone features of the three batches."""
+    f_ref64 = _f64(f_ref)
+    g_ref, g0, g1 = (_normalise(f, embedding) for f in (f_ref64, _f64(f0), _f64(f1)))
+    d0 = 1.0 - np.sum(g_ref * g0, axis=1)
+    d1 = 1.0 - np.sum(g_ref * g1, axis=1)
+    gap = d1 - d0
+    closer = np.where(gap > TIE_TOL, 0, np.where(gap < -TIE_TOL, 1, -1))
+    if embedding == "append":
+        radius = _radius_2afc(d0, d1, g0, g1)
+    else:
+        radius = _radius_2afc_plain(d0, d1, g0, g1, np.linalg.norm(f_ref64, axis=1))
+    radius = np.where(closer < 0, 0.0, radius)
+    like = _template(f_ref, f0, f1)
+    return Certificate2AFC(
+        closer=_out(closer, like, "int64"),
+        d0=_out(d0, like, "float32"),
+        d1=_out(d1, like, "float32"),
+        radius=_out(radius, like, "float32"),
+    )

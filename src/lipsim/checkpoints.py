@@ -15,7 +15,6 @@ import os
 import pickle
 import re
 import tempfile
-from importlib import resources
 from pathlib import Path
 
 import torch
@@ -24,19 +23,14 @@ from safetensors.torch import save_file
 
 from .archs import ArchConfig, build_backbone, get_config, list_archs
 from .errors import CheckpointError
-from .model import EMBEDDINGS, LipSim
+from .model import LipSim
+from .modelfiles import default_model_path, is_safetensors, resolve_model_path
+from .spec import FORMAT, FORMAT_VERSION, check_state, config_from_metadata
 
 __all__ = ["load", "save_model", "load_published", "default_model_path", "PUBLISHED_OUT_DIM"]
 
-FORMAT = "lipsim"
-FORMAT_VERSION = "1"
 #: output dimension of the published checkpoints (DreamSim ensemble teacher)
 PUBLISHED_OUT_DIM = 1792
-DEFAULT_NAME = "default.safetensors"
-
-
-def default_model_path() -> Path:
-    return Path(str(resources.files("lipsim") / "weights" / DEFAULT_NAME))
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -81,39 +75,17 @@ def _load_safetensors(path: Path, device, embedding: str | None) -> LipSim:
             tensors = {k: fh.get_tensor(k) for k in fh.keys()}
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
-    if meta.get("format") != FORMAT or "arch" not in meta:
-        raise CheckpointError(f"{path}: safetensors file without lipsim metadata (format/arch)")
-    try:
-        config = ArchConfig.from_json(meta["arch"])
-    except (ValueError, TypeError) as exc:
-        raise CheckpointError(f"{path}: bad architecture metadata ({exc})") from None
-    mode = embedding or meta.get("embedding", "append")
-    if mode not in EMBEDDINGS:
-        raise CheckpointError(f"{path}: unknown embedding mode {mode!r}")
+    config, mode = config_from_metadata(meta, path, embedding)
     model = LipSim(build_backbone(config), embedding=mode)
     _load_state(model, tensors, path)
     return _finish(model, device)
 
 
 def _load_state(model: LipSim, state: dict, path) -> None:
-    expected = model.backbone.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{path}: weights do not match architecture {model.arch!r} "
-            f"(missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
-            f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''})"
-        )
-    for key, tensor in state.items():
-        if not isinstance(tensor, torch.Tensor):
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor):
             raise CheckpointError(f"{path}: entry {key!r} is not a tensor")
-        if tensor.shape != expected[key].shape:
-            raise CheckpointError(
-                f"{path}: {key} has shape {tuple(tensor.shape)}, expected {tuple(expected[key].shape)}"
-            )
-        if not torch.isfinite(tensor).all():
-            raise CheckpointError(f"{path}: {key} contains NaN or infinite values")
+    check_state(state, model.config, path, lambda t: bool(torch.isfinite(t).all()))
     model.backbone.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
 
 
@@ -219,15 +191,6 @@ def load_published(path, out_dim: int = PUBLISHED_OUT_DIM, embedding: str = "pla
     return _finish(model, device)
 
 
-def _is_safetensors(path: Path) -> bool:
-    with open(path, "rb") as fh:
-        head = fh.read(9)
-    if len(head) < 9:
-        return False
-    n = int.from_bytes(head[:8], "little")
-    return 0 < n < 100_000_000 and head[8:9] == b"{"
-
-
 def load(source=None, device="cpu", embedding: str | None = None, out_dim: int = PUBLISHED_OUT_DIM) -> LipSim:
     """Loads a model: ``None``/"default" (packaged), a ``.safetensors`` file, or a published ``.pth``.
 
@@ -235,30 +198,7 @@ def load(source=None, device="cpu", embedding: str | None = None, out_dim: int =
     still work). Nothing is downloaded. ``out_dim`` applies to published checkpoints only (their
     truncation size is not stored in the file: 1792 for the DreamSim-ensemble teacher).
     """
-    if source is None or source == "default":
-        path = default_model_path()
-        if not path.exists():
-            raise CheckpointError(
-                "no packaged default model in this installation; train one with "
-                "'lipsim train distill ...' or pass a model file (model.safetensors or a published .pth)"
-            )
-        return _load_safetensors(path, device, embedding)
-    path = Path(source)
-    if not path.exists():
-        hint = (
-            f" (architectures: {', '.join(list_archs())} are built with lipsim.create_model)"
-            if str(source) in list_archs()
-            else ""
-        )
-        raise CheckpointError(f"{path}: no such model file{hint}")
-    if path.is_dir():
-        candidate = path / "model.safetensors"
-        if candidate.exists():
-            path = candidate
-        else:
-            raise CheckpointError(f"{path}: is a directory without model.safetensors")
-    if path.stat().st_size == 0:
-        raise CheckpointError(f"{path}: empty file")
-    if _is_safetensors(path):
+    path = resolve_model_path(source)
+    if is_safetensors(path):
         return _load_safetensors(path, device, embedding)
     return load_published(path, out_dim=out_dim, embedding=embedding or "plain", device=device)

@@ -1,7 +1,9 @@
 """Decoding and validation of image files; the only module that touches PIL.
 
 ``load_image`` turns whatever a user hands us (a path or a PIL image) into the model's input
-convention: a float32 tensor (1, 3, S, S) in [0, 1], RGB, resized with bicubic interpolation.
+convention: a float32 tensor (1, 3, S, S) in [0, 1], RGB, resized with bicubic interpolation
+(``load_image_array``: the same pixels as a NumPy array, for the torch-free engine; torch is
+imported only by the functions that return or check tensors).
 Messy files (grey, alpha, CMYK, palette, 16-bit, EXIF rotation, tiny or thin images) work;
 broken ones fail with a one-line :class:`ImageError` and never exhaust memory.
 """
@@ -14,14 +16,27 @@ import os
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import ImageError
 
-__all__ = ["load_image", "open_image", "decoding", "check_images", "IMAGE_EXTENSIONS", "MAX_PIXELS", "to_pil"]
+if TYPE_CHECKING:
+    import torch
+
+__all__ = [
+    "load_image",
+    "load_image_array",
+    "open_image",
+    "decoding",
+    "check_images",
+    "check_image_array",
+    "IMAGE_EXTENSIONS",
+    "MAX_PIXELS",
+    "to_pil",
+]
 
 #: a larger declared image is refused before decoding (decompression bombs)
 MAX_PIXELS = 100_000_000
@@ -121,13 +136,8 @@ def decoding(name: str) -> Iterator[None]:
         raise ImageError(f"{name}: not enough memory to decode image") from None
 
 
-def load_image(source, size: int = 224) -> torch.Tensor:
-    """Loads a path or PIL image as a (1, 3, size, size) float32 tensor in [0, 1] (RGB, bicubic).
-
-    Alpha is composited on white; EXIF orientation is applied; 16-bit and float images are
-    scaled by their bit depth. Raises :class:`lipsim.ImageError` (a ``ValueError``) with a
-    one-line message for missing, empty, truncated, oversized or non-image inputs.
-    """
+def load_image_array(source, size: int = 224) -> np.ndarray:
+    """:func:`load_image` as a NumPy float32 array (1, 3, size, size) in [0, 1]; no torch needed."""
     img, name = open_image(source)
     with decoding(name):
         img.load()
@@ -137,8 +147,19 @@ def load_image(source, size: int = 224) -> torch.Tensor:
             arr = _resize_float(rgb, size)
         else:
             arr = np.asarray(rgb.resize((size, size), Image.BICUBIC), dtype=np.float32) / 255.0
-    tensor = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)).permute(2, 0, 1)
-    return tensor.unsqueeze(0).contiguous()
+    return np.ascontiguousarray(np.asarray(arr, dtype=np.float32).transpose(2, 0, 1)[None])
+
+
+def load_image(source, size: int = 224) -> torch.Tensor:
+    """Loads a path or PIL image as a (1, 3, size, size) float32 tensor in [0, 1] (RGB, bicubic).
+
+    Alpha is composited on white; EXIF orientation is applied; 16-bit and float images are
+    scaled by their bit depth. Raises :class:`lipsim.ImageError` (a ``ValueError``) with a
+    one-line message for missing, empty, truncated, oversized or non-image inputs.
+    """
+    import torch
+
+    return torch.from_numpy(load_image_array(source, size))
 
 
 def to_pil(x: torch.Tensor) -> Image.Image:
@@ -149,28 +170,24 @@ def to_pil(x: torch.Tensor) -> Image.Image:
     return Image.fromarray(arr, mode="RGB")
 
 
-def check_images(x, name: str = "images", size: int | None = None) -> torch.Tensor:
-    """Validates the API's image convention and returns ``x`` unchanged.
-
-    (B, 3, H, W) floating tensor, finite, values in [0, 1]; optionally H = W = size.
-    """
-    if not isinstance(x, torch.Tensor):
-        raise ValueError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != 4:
-        raise ValueError(f"{name}: expected shape (B, 3, H, W), got {tuple(x.shape)}")
-    if x.shape[1] != 3:
-        raise ValueError(f"{name}: expected 3 RGB channels, got {x.shape[1]}")
-    if not x.is_floating_point():
-        raise ValueError(f"{name}: expected a floating tensor in [0, 1], got {x.dtype}")
-    if size is not None and (x.shape[2] != size or x.shape[3] != size):
+def _check_layout(shape: tuple, floating: bool, name: str, size: int | None, kind: str, dtype) -> None:
+    if len(shape) != 4:
+        raise ValueError(f"{name}: expected shape (B, 3, H, W), got {tuple(shape)}")
+    if shape[1] != 3:
+        raise ValueError(f"{name}: expected 3 RGB channels, got {shape[1]}")
+    if not floating:
+        raise ValueError(f"{name}: expected a floating {kind} in [0, 1], got {dtype}")
+    if size is not None and (shape[2] != size or shape[3] != size):
         raise ValueError(
-            f"{name}: this model takes {size}x{size} images, got {x.shape[2]}x{x.shape[3]} "
+            f"{name}: this model takes {size}x{size} images, got {shape[2]}x{shape[3]} "
             "(lipsim.load_image resizes)"
         )
-    if x.numel() == 0:
+    if 0 in shape:
         raise ValueError(f"{name}: empty batch")
-    with torch.no_grad():  # one pass: NaN propagates through aminmax, inf falls outside [0, 1]
-        lo, hi = (float(v) for v in torch.aminmax(x))
+
+
+def _check_range(lo: float, hi: float, name: str) -> None:
+    """``lo``/``hi``: the minimum and maximum (NaN if any entry is NaN)."""
     if math.isnan(lo) or math.isnan(hi) or math.isinf(lo) or math.isinf(hi):
         raise ValueError(f"{name}: contains NaN or infinite values")
     if lo < 0.0 or hi > 1.0:
@@ -178,4 +195,29 @@ def check_images(x, name: str = "images", size: int | None = None) -> torch.Tens
             f"{name}: values must lie in [0, 1] (got [{lo:.3g}, {hi:.3g}]); "
             "lipsim takes [0, 1] images, not [-1, 1] or [0, 255]"
         )
+
+
+def check_images(x, name: str = "images", size: int | None = None) -> torch.Tensor:
+    """Validates the API's image convention and returns ``x`` unchanged.
+
+    (B, 3, H, W) floating tensor, finite, values in [0, 1]; optionally H = W = size.
+    """
+    import torch
+
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    _check_layout(tuple(x.shape), x.is_floating_point(), name, size, "tensor", x.dtype)
+    with torch.no_grad():  # one pass: NaN propagates through aminmax, inf falls outside [0, 1]
+        lo, hi = (float(v) for v in torch.aminmax(x))
+    _check_range(lo, hi, name)
+    return x
+
+
+def check_image_array(x, name: str = "images", size: int | None = None) -> np.ndarray:
+    """:func:`check_images` for NumPy arrays (the torch-free engine)."""
+    if not isinstance(x, np.ndarray):
+        raise ValueError(f"{name}: expected a NumPy array, got {type(x).__name__}")
+    floating = np.issubdtype(x.dtype, np.floating)
+    _check_layout(x.shape, floating, name, size, "array", x.dtype)
+    _check_range(float(x.min()), float(x.max()), name)  # NumPy min/max propagate NaN
     return x

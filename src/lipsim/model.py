@@ -7,7 +7,7 @@ of :func:`lipsim.certify.radius_2afc_plain`). ``d(x, y) = 1 - ⟨g(x), g(y)⟩``
 
 Everything returned here is computed in float32 with TF32 and autocast disabled
 (:func:`exact_float32`), whatever the caller's global settings; certificates are then finished
-in float64 by :mod:`lipsim.certify`.
+in float64 by :mod:`lipsim.certify` (shared with the torch-free :mod:`lipsim.numpy_engine`).
 """
 
 from __future__ import annotations
@@ -22,10 +22,9 @@ from . import certify
 from .archs import ArchConfig, LipschitzBackbone, build_backbone
 from .images import check_images
 from .layers import _ieee_float32
+from .spec import EMBEDDINGS
 
 __all__ = ["LipSim", "EMBEDDINGS", "exact_float32"]
-
-EMBEDDINGS = ("append", "plain")
 
 
 @contextlib.contextmanager
@@ -123,22 +122,8 @@ class LipSim(nn.Module):
         """Which of x0, x1 is closer to ref, and the ℓ2 radius around ref within which that holds."""
         if not (ref.shape[0] == x0.shape[0] == x1.shape[0]):
             raise ValueError("ref, x0 and x1 must have the same batch size")
-        n = ref.shape[0]
         f = self._features_of((ref, "ref"), (x0, "x0"), (x1, "x1"))
-        g = self._normalise(f).double()
-        g_ref, g0, g1 = g[:n], g[n : 2 * n], g[2 * n :]
-        d0 = 1.0 - (g_ref * g0).sum(dim=1)
-        d1 = 1.0 - (g_ref * g1).sum(dim=1)
-        gap = d1 - d0
-        closer = torch.where(gap > certify.TIE_TOL, 0, torch.where(gap < -certify.TIE_TOL, 1, -1)).long()
-        if self.embedding == "append":
-            radius = certify.radius_2afc(d0, d1, g0, g1)
-        else:
-            radius = certify.radius_2afc_plain(
-                d0, d1, g0, g1, torch.linalg.vector_norm(f[:n].double(), dim=1)
-            )
-        radius = torch.where(closer < 0, torch.zeros_like(radius), radius)
-        return certify.Certificate2AFC(closer=closer, d0=d0.float(), d1=d1.float(), radius=radius)
+        return certify.certificate_from_features(*torch.chunk(f, 3), self.embedding)
 
     @torch.no_grad()
     def distance_with_interval(
@@ -150,14 +135,8 @@ class LipSim(nn.Module):
             raise ValueError("eps must be non-negative")
         if x.shape[0] != y.shape[0]:
             raise ValueError(f"batch sizes {x.shape[0]} and {y.shape[0]} do not match")
-        n = x.shape[0]
         f = self._features_of((x, "x"), (y, "y"))
-        g = self._normalise(f).double()
-        d = 1.0 - (g[:n] * g[n:]).sum(dim=1)
-        s = torch.linalg.vector_norm(g[:n] - g[n:], dim=1)
-        ref_norm = None if self.embedding == "append" else torch.linalg.vector_norm(f[:n].double(), dim=1)
-        lo, hi = certify.distance_interval(d, eps, ref_norm, s=s)
-        return d.float(), lo, hi
+        return certify.interval_from_features(*torch.chunk(f, 2), eps, self.embedding)
 
     def distance_interval(
         self, x: torch.Tensor, y: torch.Tensor, eps: float

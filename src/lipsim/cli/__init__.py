@@ -12,7 +12,16 @@ import json
 import os
 import sys
 
-__all__ = ["main", "add_model_args", "resolve_model", "emit", "parse_eps_list", "CliError"]
+__all__ = [
+    "main",
+    "add_model_args",
+    "add_engine_arg",
+    "resolve_model",
+    "resolve_inference_model",
+    "emit",
+    "parse_eps_list",
+    "CliError",
+]
 
 #: modules under lipsim.cli that contribute sub-commands (missing ones are skipped)
 COMMAND_MODULES = ("core", "data", "train", "evaluate", "retrieval")
@@ -47,6 +56,45 @@ def resolve_model(source: str | None, device: str = "cpu"):
     model = lipsim.load(source, device=device)
     model.untrained = False
     return model
+
+
+ENGINES = ("auto", "numpy", "torch")
+
+
+def add_engine_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default="auto",
+        help="numpy: torch-free float32 inference of a safetensors model (fast start, CPU); "
+        "torch: the PyTorch model; auto (default): numpy when it can run the model on the CPU",
+    )
+
+
+def resolve_inference_model(args):
+    """``(model, load_images)`` for one-shot inference commands: the NumPy engine (no torch
+    import) or the torch model, by ``--engine``; ``load_images(path, size)`` matches the engine."""
+    source, engine = args.model, getattr(args, "engine", "torch")
+    if engine != "torch":
+        from lipsim.numpy_engine import NumpyLipSim, supported
+
+        usable = args.device == "cpu" and not (source or "").startswith("arch:") and supported(source)
+        if engine == "numpy" and not usable:
+            raise CliError(
+                "--engine numpy runs lipsim safetensors model files on the CPU "
+                "(use --engine torch for published .pth files, arch:NAME or another device)"
+            )
+        if usable:
+            from lipsim.images import load_image_array
+
+            model = NumpyLipSim.load(source)
+            model.engine = "numpy"
+            return model, load_image_array
+    import lipsim
+
+    model = resolve_model(source, args.device)
+    model.engine = "torch"
+    return model, lipsim.load_image
 
 
 def model_label(source: str | None) -> str:

@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import argparse
 
-from . import CliError, add_model_args, emit, model_label, parse_eps_list, resolve_model
+from . import (
+    CliError,
+    add_engine_arg,
+    add_model_args,
+    emit,
+    model_label,
+    parse_eps_list,
+    resolve_inference_model,
+    resolve_model,
+)
 
 UNITS = "ℓ2 norm over the 224×224 RGB image with pixels in [0,1]; 36/255 ≈ 0.141"
 
@@ -18,12 +27,10 @@ def _untrained_note(model) -> str:
 
 
 def cmd_distance(args) -> int:
-    import lipsim
-
-    model = resolve_model(args.model, args.device)
-    a = lipsim.load_image(args.a, size=model.input_size)
-    b = lipsim.load_image(args.b, size=model.input_size)
     eps = parse_eps_list(args.eps)[0]
+    model, load_image = resolve_inference_model(args)
+    a = load_image(args.a, size=model.input_size)
+    b = load_image(args.b, size=model.input_size)
     d, lo, hi = model.distance_with_interval(a, b, eps)
     d = float(d[0])
     payload = {
@@ -35,6 +42,7 @@ def cmd_distance(args) -> int:
         "embedding": model.embedding,
         "interval": {"eps": eps, "lo": float(lo[0]), "hi": float(hi[0])},
         "untrained": bool(getattr(model, "untrained", False)),
+        "engine": model.engine,
     }
     text = (
         f"distance {d:.6f}   (1 - cosine of the embeddings: 0 = identical, 2 = opposite)\n"
@@ -46,10 +54,8 @@ def cmd_distance(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    import lipsim
-
-    model = resolve_model(args.model, args.device)
-    ref, a, b = (lipsim.load_image(p, size=model.input_size) for p in (args.ref, args.a, args.b))
+    model, load_image = resolve_inference_model(args)
+    ref, a, b = (load_image(p, size=model.input_size) for p in (args.ref, args.a, args.b))
     cert = model.certify_2afc(ref, a, b)
     closer = {0: "A", 1: "B", -1: "tie"}[int(cert.closer[0])]
     radius = float(cert.radius[0])
@@ -65,6 +71,7 @@ def cmd_compare(args) -> int:
         "arch": model.arch,
         "embedding": model.embedding,
         "untrained": bool(getattr(model, "untrained", False)),
+        "engine": model.engine,
     }
     if closer == "tie":
         verdict = "A and B are equally close to REF (tie): nothing is certified"
@@ -123,6 +130,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("b", help="image B")
     p.add_argument("--eps", default="36/255", help="ℓ2 budget for the distance interval (default 36/255)")
     add_model_args(p)
+    add_engine_arg(p)
     p.set_defaults(func=cmd_distance)
 
     p = sub.add_parser("compare", help="which of A and B is closer to REF, with a certified radius")
@@ -130,6 +138,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("a", help="candidate A")
     p.add_argument("b", help="candidate B")
     add_model_args(p)
+    add_engine_arg(p)
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("verify", help="check a model's Lipschitz chain and estimate its constant")

@@ -72,9 +72,13 @@ def _betas(text: str) -> tuple[float, float]:
     return parts  # type: ignore[return-value]
 
 
-def _add_loop_args(p: argparse.ArgumentParser, lr: float, length_help: str) -> None:
-    from lipsim.train.loop import AMP_MODES, SCHEDULES
+#: lipsim.train.loop.SCHEDULES and AMP_MODES, kept here so that building the parser does not import
+#: torch (two seconds of start-up for every lipsim command); a test checks that they agree
+SCHEDULES = ("cosine", "triangular", "constant")
+AMP_MODES = ("auto", "bf16", "fp16", "off")
 
+
+def _add_loop_args(p: argparse.ArgumentParser, lr: float, length_help: str) -> None:
     p.add_argument("--out", required=True, metavar="DIR", help="run folder (created)")
     length = p.add_mutually_exclusive_group()
     length.add_argument("--steps", type=_positive_int, help="number of optimiser steps")
@@ -223,7 +227,7 @@ def cmd_finetune(args) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from lipsim.archs import list_archs
+    from lipsim.spec import list_archs
 
     train = subparsers.add_parser(
         "train", help="train a model: distill a teacher, then fine-tune on 2AFC data"

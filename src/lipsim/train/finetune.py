@@ -118,7 +118,8 @@ def load_init(
 
     The model comes back with ``embedding="append"`` (a note says so when it was switched).
     """
-    from ..checkpoints import _is_safetensors, load
+    from ..checkpoints import load
+    from ..modelfiles import is_safetensors
 
     notes: list[str] = []
     optimizer_state = None
@@ -141,7 +142,7 @@ def load_init(
         if model_file is None and ckpt_file is None:
             raise ValueError(f"{path}: a folder without model.safetensors or checkpoints/last.pt")
     probed = None
-    if model_file is not None and not _is_safetensors(model_file):
+    if model_file is not None and not is_safetensors(model_file):
         probed = _probe_torch_file(model_file)
         if isinstance(probed, dict) and probed.get("format") == "lipsim-train":
             ckpt_file, model_file, probed = model_file, None, None

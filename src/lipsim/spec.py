@@ -1,0 +1,337 @@
+"""Architectures as data: :class:`ArchConfig`, the registry, and each architecture's layer plan.
+
+Nothing here imports torch. The torch modules (:mod:`lipsim.archs`) and the NumPy inference
+engine (:mod:`lipsim.numpy_engine`) are both built from :func:`layer_plan`, so the two cannot
+disagree on the order of layers, their sizes or their parameter names; :func:`expected_state`
+gives the state-dict keys and shapes a checkpoint of an architecture must hold.
+
+Two families:
+
+* ``published``: the LipSim architectures small/medium/large/xlarge exactly as in the paper's
+  code (lipsim-method.md §2.1): zero channel padding, ``depth`` SLL convolutions at full
+  resolution, two 4×4 sum/4 pools (224 -> 14), flatten, ``depth_linear`` SLL linear layers,
+  truncation to ``out_dim``. Group names (``convs``, ``linear``) match the published state dict.
+* ``s2d``: our faster family. An exact space-to-depth rearrangement replaces zero channel
+  padding at full resolution (3×224×224 -> 48×56×56 with r = 4, an isometry), then stages of SLL
+  convolutions separated by further 2×2 space-to-depth steps, a sum/k pool, flatten, optional
+  zero-padding or truncation to the linear width, SLL linear layers and truncation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable
+
+from .errors import CheckpointError
+
+__all__ = [
+    "ArchConfig",
+    "LayerSpec",
+    "FAMILIES",
+    "SLL_KERNEL_SIZE",
+    "register",
+    "get_config",
+    "list_archs",
+    "layer_plan",
+    "expected_state",
+    "EMBEDDINGS",
+    "FORMAT",
+    "FORMAT_VERSION",
+    "config_from_metadata",
+    "check_state",
+]
+
+FAMILIES = ("published", "s2d")
+#: how an embedding is normalised: "append" ([f; 1], our models) or "plain" (published ones)
+EMBEDDINGS = ("append", "plain")
+#: metadata of our safetensors model files
+FORMAT = "lipsim"
+FORMAT_VERSION = "1"
+#: spatial size of every SLL convolution kernel (the published code's choice)
+SLL_KERNEL_SIZE = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class ArchConfig:
+    """Everything needed to rebuild a backbone; stored in checkpoint metadata as JSON."""
+
+    name: str
+    family: str  # "published" | "s2d"
+    out_dim: int = 1792
+    input_size: int = 224
+    # published family
+    depth: int = 0
+    channels: int = 0
+    conv_size: int = 5
+    # s2d family: space-to-depth factor of the stem, then stages of (n_convs, inner width)
+    s2d: int = 4
+    stages: tuple[tuple[int, int], ...] = ()
+    pool: int = 4
+    linear_width: int = 0  # 0: the flattened size
+    center: float = 0.0  # s2d family: subtract this constant first (an isometry)
+    # both
+    depth_linear: int = 0
+    n_features: int = 1024
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> ArchConfig:
+        raw = json.loads(text)
+        if not isinstance(raw, dict):
+            raise ValueError("architecture metadata is not a JSON object")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(raw) - known
+        if unknown:
+            raise ValueError(f"unknown architecture fields {sorted(unknown)}")
+        raw["stages"] = tuple(tuple(s) for s in raw.get("stages", ()))
+        return cls(**raw)
+
+    # -- derived sizes -------------------------------------------------------------------------
+    def flat_dim(self) -> int:
+        if self.family == "published":
+            side = self.input_size // 16
+            return self.channels * side * side
+        channels = 3 * self.s2d**2
+        side = self.input_size // self.s2d
+        for i, _ in enumerate(self.stages):
+            if i > 0:
+                channels, side = channels * 4, side // 2
+        side //= self.pool
+        return channels * side * side
+
+    def feature_width(self) -> int:
+        return self.linear_width or self.flat_dim()
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSpec:
+    """One 1-Lipschitz layer: its kind and constructor arguments.
+
+    Kinds and arguments: ``shift (value,)``, ``space_to_depth (r,)``, ``channel_pad (channels,)``,
+    ``sll_conv (channels, inner)``, ``sum_pool (k,)``, ``flatten ()``, ``truncate (n,)``,
+    ``zero_pad (n,)``, ``sll_linear (features, inner)``.
+    """
+
+    kind: str
+    args: tuple = ()
+
+    def param_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Names and shapes of the layer's parameters (empty for parameter-free layers)."""
+        if self.kind == "sll_conv":
+            channels, inner = self.args
+            k = SLL_KERNEL_SIZE
+            return {"kernel": (inner, channels, k, k), "bias": (1, inner, 1, 1), "q": (inner,)}
+        if self.kind == "sll_linear":
+            features, inner = self.args
+            return {"weight": (inner, features), "bias": (1, inner), "q": (inner,)}
+        return {}
+
+
+#: a plan: top-level names mapped to one layer or to a group (an indexed sequence of layers)
+Plan = list[tuple[str, "LayerSpec | tuple[LayerSpec, ...]"]]
+
+
+def _plan_published(c: ArchConfig) -> Plan:
+    if c.input_size % 16:
+        raise ValueError("published architectures need an input size divisible by 16")
+    flat = c.flat_dim()
+    convs = tuple(LayerSpec("sll_conv", (c.channels, c.conv_size)) for _ in range(c.depth))
+    linear = tuple(LayerSpec("sll_linear", (flat, c.n_features)) for _ in range(c.depth_linear))
+    return [
+        ("pad", LayerSpec("channel_pad", (c.channels,))),
+        ("convs", convs + (LayerSpec("sum_pool", (4,)), LayerSpec("sum_pool", (4,)))),
+        ("linear", (LayerSpec("flatten"),) + linear),
+        ("trunc", LayerSpec("truncate", (c.out_dim,))),
+    ]
+
+
+def _plan_s2d(c: ArchConfig) -> Plan:
+    if not c.stages:
+        raise ValueError("an s2d architecture needs at least one stage")
+    div = c.s2d * 2 ** (len(c.stages) - 1) * c.pool
+    if c.input_size % div:
+        raise ValueError(f"input size {c.input_size} is not divisible by {div}")
+    plan: Plan = []
+    if c.center:
+        plan.append(("center", LayerSpec("shift", (float(c.center),))))
+    plan.append(("stem", LayerSpec("space_to_depth", (c.s2d,))))
+    channels = 3 * c.s2d**2
+    for i, (n_convs, inner) in enumerate(c.stages):
+        block: list[LayerSpec] = []
+        if i > 0:
+            block.append(LayerSpec("space_to_depth", (2,)))
+            channels *= 4
+        block += [LayerSpec("sll_conv", (channels, inner)) for _ in range(n_convs)]
+        plan.append((f"stage{i}", tuple(block)))
+    head: list[LayerSpec] = []
+    if c.pool > 1:
+        head.append(LayerSpec("sum_pool", (c.pool,)))
+    head.append(LayerSpec("flatten"))
+    flat, width = c.flat_dim(), c.feature_width()
+    if width > flat:
+        head.append(LayerSpec("zero_pad", (width,)))
+    elif width < flat:
+        head.append(LayerSpec("truncate", (width,)))
+    head += [LayerSpec("sll_linear", (width, c.n_features)) for _ in range(c.depth_linear)]
+    plan.append(("head", tuple(head)))
+    if c.out_dim > width:
+        raise ValueError(f"out_dim {c.out_dim} exceeds the feature width {width}")
+    plan.append(("trunc", LayerSpec("truncate", (c.out_dim,))))
+    return plan
+
+
+_PLANNERS = {"published": _plan_published, "s2d": _plan_s2d}
+_REGISTRY: dict[str, ArchConfig] = {}
+
+
+def layer_plan(config: ArchConfig | str) -> Plan:
+    """The architecture as ``[(name, LayerSpec or tuple of LayerSpecs), ...]`` in order."""
+    if isinstance(config, str):
+        config = get_config(config)
+    if config.family not in _PLANNERS:
+        raise ValueError(f"unknown architecture family {config.family!r}")
+    return _PLANNERS[config.family](config)
+
+
+def flat_layers(plan: Plan) -> list[tuple[str, LayerSpec]]:
+    """``(state-dict prefix, spec)`` for every layer, in the order they are applied."""
+    out = []
+    for name, entry in plan:
+        if isinstance(entry, LayerSpec):
+            out.append((name, entry))
+        else:
+            out += [(f"{name}.{j}", spec) for j, spec in enumerate(entry)]
+    return out
+
+
+def expected_state(config: ArchConfig | str) -> dict[str, tuple[int, ...]]:
+    """State-dict keys and shapes of the architecture's parameters."""
+    return {
+        f"{prefix}.{pname}": shape
+        for prefix, spec in flat_layers(layer_plan(config))
+        for pname, shape in spec.param_shapes().items()
+    }
+
+
+def config_from_metadata(meta: dict | None, path, embedding: str | None = None) -> tuple[ArchConfig, str]:
+    """The architecture and embedding mode a safetensors model file declares (``embedding``
+    overrides the file's); :class:`~lipsim.errors.CheckpointError` when they are unusable."""
+    meta = meta or {}
+    if meta.get("format") != FORMAT or "arch" not in meta:
+        raise CheckpointError(f"{path}: safetensors file without lipsim metadata (format/arch)")
+    try:
+        config = ArchConfig.from_json(meta["arch"])
+        layer_plan(config)  # sizes must be consistent
+    except (ValueError, TypeError) as exc:
+        raise CheckpointError(f"{path}: bad architecture metadata ({exc})") from None
+    mode = embedding or meta.get("embedding", "append")
+    if mode not in EMBEDDINGS:
+        raise CheckpointError(f"{path}: unknown embedding mode {mode!r}")
+    return config, mode
+
+
+def check_state(state: dict, config: ArchConfig, path, is_finite: Callable[[object], bool]) -> None:
+    """Refuses weights whose keys or shapes differ from ``config``'s or that hold NaN/inf.
+
+    ``state`` maps keys to arrays or tensors; ``is_finite(value)`` says whether all entries are
+    finite (the caller's framework)."""
+    expected = expected_state(config)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path}: weights do not match architecture {config.name!r} "
+            f"(missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
+            f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''})"
+        )
+    for key, value in state.items():
+        shape = getattr(value, "shape", None)
+        if shape is None:
+            raise CheckpointError(f"{path}: entry {key!r} is not a tensor")
+        if tuple(shape) != expected[key]:
+            raise CheckpointError(f"{path}: {key} has shape {tuple(shape)}, expected {expected[key]}")
+        if not is_finite(value):
+            raise CheckpointError(f"{path}: {key} contains NaN or infinite values")
+
+
+def register(config: ArchConfig) -> ArchConfig:
+    """Adds an architecture to the registry (name must be new)."""
+    if config.family not in FAMILIES:
+        raise ValueError(f"unknown architecture family {config.family!r}")
+    if config.name in _REGISTRY and _REGISTRY[config.name] != config:
+        raise ValueError(f"architecture {config.name!r} is already registered differently")
+    _REGISTRY[config.name] = config
+    return config
+
+
+def get_config(name: str) -> ArchConfig:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown architecture {name!r}; known: {', '.join(list_archs())}") from None
+
+
+def list_archs() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+# The published LipSim architectures (lipsim-method.md §2.1), teacher dimension 1792.
+register(ArchConfig("small", "published", depth=20, channels=45, depth_linear=7, n_features=1024))
+register(ArchConfig("medium", "published", depth=30, channels=60, depth_linear=10, n_features=2048))
+register(ArchConfig("large", "published", depth=50, channels=90, depth_linear=10, n_features=2048))
+register(ArchConfig("xlarge", "published", depth=70, channels=120, depth_linear=15, n_features=2048))
+
+# Our space-to-depth family (issue: the default model and the speed work).
+register(
+    ArchConfig(
+        "s2d-small",
+        "s2d",
+        out_dim=1792,
+        s2d=4,
+        stages=((20, 16),),
+        pool=4,
+        linear_width=0,
+        depth_linear=0,
+        n_features=1024,
+    )
+)
+register(
+    ArchConfig(
+        "s2d-compact",
+        "s2d",
+        out_dim=1024,
+        s2d=4,
+        stages=((6, 16), (6, 32)),
+        pool=7,
+        depth_linear=2,
+        n_features=1024,
+    )
+)
+register(
+    ArchConfig(
+        "s2d-lite",
+        "s2d",
+        out_dim=1024,
+        s2d=4,
+        stages=((3, 16), (4, 32)),
+        pool=7,
+        depth_linear=2,
+        n_features=512,
+        center=0.5,
+    )
+)
+
+# Tiny architectures for tests and smoke runs (same layer types, a few thousand parameters).
+register(
+    ArchConfig(
+        "tiny", "published", out_dim=64, depth=2, channels=6, conv_size=2, depth_linear=1, n_features=32
+    )
+)
+register(
+    ArchConfig(
+        "tiny-s2d", "s2d", out_dim=64, s2d=4, stages=((2, 4), (1, 8)), pool=7, depth_linear=1, n_features=32
+    )
+)
