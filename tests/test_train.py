@@ -461,3 +461,11 @@ def test_cli_errors_are_one_line(tmp_path, photos, capsys):
     ])  # fmt: skip
     err = capsys.readouterr().err.strip()
     assert code == 1 and "cannot import" in err
+
+
+def test_cli_training_choices_match_the_loop():
+    from lipsim.cli import train as cli_train
+    from lipsim.train import loop
+
+    assert cli_train.SCHEDULES == loop.SCHEDULES
+    assert cli_train.AMP_MODES == loop.AMP_MODES
