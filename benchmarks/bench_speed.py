@@ -10,11 +10,16 @@ Compared, on the published ``small`` and on the default architecture (``--defaul
 * ``lipsim plain``: lipsim's layers (T cached while the weights do not change) without the fused path;
 * ``lipsim fast``: ``lipsim.fast.optimize(model)``, the certified float32 path (``model.embed``);
 * ``lipsim bf16``: ``model.embed_fast`` (bfloat16, never certified) on the optimized model;
+* ``lipsim fast triton`` (CUDA): the fused path with the Triton kernels (opt-in in the library
+  until these rows show them faster than the cuDNN ones), checked against the baseline first;
+* ``numpy engine`` (CPU): :class:`lipsim.numpy_engine.NumpyLipSim`, the torch-free float32 path
+  that ``lipsim distance``/``compare`` use (its threads: NumPy's BLAS, set by OMP_NUM_THREADS);
 * training: forward + backward + Adam step, float32 (IEEE, TF32 off on GPUs), baseline vs lipsim;
 * on GPUs only: a DreamSim-shaped ensemble (ViT-B/16 + two ViT-B/32, random weights; timm if
   installed, else torchvision's identical ViT-B) for scale;
 * on CPU: peak resident memory of each configuration (one subprocess each) and the wall time of
-  ``lipsim distance a.jpg b.jpg`` as a subprocess, next to ``python -c "import torch"``.
+  ``lipsim distance a.jpg b.jpg`` as a subprocess with each engine, next to
+  ``python -c "import torch"``.
 
 Repeats are interleaved (one call of each implementation per round) and medians reported, so
 that a machine shared with other work slows all rows alike. Typical use:
@@ -235,7 +240,9 @@ def make_model(arch: str, device: torch.device) -> lipsim.LipSim:
 
 
 def bench_embedding(arch: str, batch: int, args, device: torch.device, rows: list, notes: list) -> None:
-    plain = make_model(arch, device)
+    # lipsim models come optimized (LipSim.__init__): "plain" undoes that, layer by layer
+    plain = fast.restore(make_model(arch, device))
+    assert not fast.is_optimized(plain)
     fast_model = fast.optimize(copy.deepcopy(plain))
     base = baseline_like(plain).requires_grad_(False).eval()
     gen = torch.Generator().manual_seed(2)
@@ -273,6 +280,28 @@ def bench_embedding(arch: str, batch: int, args, device: torch.device, rows: lis
             f"{arch}: torch.compile (inductor, freezing, fused weights as constants): first call "
             f"{seconds:.1f} s incl. compilation; the frozen copy does not follow weight updates"
         )
+    if device.type == "cuda" and not args.no_triton:
+        with fast.use_kernels("triton"):
+            chosen = fast.kernels_for(device)
+            if chosen == "triton":
+                errs["lipsim fast triton"] = rel_err(fast_model.features(x), f_base)
+        if chosen == "triton":
+
+            def run_triton():
+                with fast.use_kernels("triton"):
+                    fast_model.embed(x)
+
+            fns["lipsim fast triton"] = run_triton
+        else:
+            notes.append(f"{arch}: Triton kernels unavailable or failed their self-check on {device}")
+    if device.type == "cpu" and not args.no_numpy:
+        from lipsim.numpy_engine import NumpyLipSim
+
+        state = {k: v.detach().cpu().numpy() for k, v in plain.backbone.state_dict().items()}
+        twin = NumpyLipSim(plain.config, state, embedding=plain.embedding)
+        x_np = x.cpu().numpy()
+        errs["numpy engine"] = rel_err(torch.from_numpy(twin.features(x_np)), f_base)
+        fns["numpy engine"] = lambda: twin.embed(x_np)
     refused = [k for k, e in errs.items() if e > REL_TOL]
     if errs_fast_vs_plain > REL_TOL and "lipsim fast" not in refused:
         refused.append("lipsim fast")
@@ -597,12 +626,16 @@ def bench_cli(args, cli_rows: list, notes: list) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         (a, b), img_label = _images(Path(tmp))
         py = sys.executable
+        distance = [py, "-m", "lipsim", "distance", a, b, "--model", model_src]
         cmds = [
             ("python -c pass", [py, "-c", "pass"]),
+            ("python -c 'import numpy, PIL.Image'", [py, "-c", "import numpy, PIL.Image"]),
             ("python -c 'import torch'", [py, "-c", "import torch"]),
             ("python -c 'import lipsim'", [py, "-c", "import lipsim"]),
             ("python -c 'import lipsim.cli'", [py, "-c", "import lipsim.cli"]),
-            ("lipsim distance a.jpg b.jpg", [py, "-m", "lipsim", "distance", a, b, "--model", model_src]),
+            ("lipsim distance a.jpg b.jpg (default: --engine auto)", distance),
+            ("lipsim distance a.jpg b.jpg --engine numpy", distance + ["--engine", "numpy"]),
+            ("lipsim distance a.jpg b.jpg --engine torch", distance + ["--engine", "torch"]),
         ]
         for name, cmd in cmds:
             wall, err = _wall(cmd, env, args.cli_repeats)
@@ -633,7 +666,7 @@ def bench_cli(args, cli_rows: list, notes: list) -> None:
             "CLI imports of lipsim modules, cumulative ms: "
             + ", ".join(f"{n} {c / 1000:.0f}" for c, _, n in ours)
         )
-    # in-process breakdown of the command's work after imports (same calls as lipsim.cli.core)
+    # in-process breakdown of the torch engine's work after imports
     from lipsim.cli import resolve_model
 
     t0 = time.perf_counter()
@@ -742,6 +775,8 @@ def main() -> int:
         help="also time torch.compile of the default arch (minutes of compiling)",
     )
     p.add_argument("--dreamsim-on-cpu", action="store_true")
+    p.add_argument("--no-numpy", action="store_true", help="skip the NumPy-engine rows (CPU)")
+    p.add_argument("--no-triton", action="store_true", help="skip the Triton-kernel rows (CUDA)")
     p.add_argument("--dreamsim-patches", default="16,32,32", help="ViT-B patch sizes of the ensemble")
     p.add_argument("--quick", action="store_true", help="smoke run: batch 2, 2 repeats, no memory/CLI")
     p.add_argument("--json", default=None, help="also write the results as JSON here")

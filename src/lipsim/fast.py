@@ -23,14 +23,21 @@ What is fused, for one SLL convolution ``h(x) = x - 𝒦*(s · ReLU(𝒦x + b))`
 
 So each SLL convolution reads the activation twice and writes it once, instead of allocating and
 streaming it through five separate ops. The SLL linear layer uses ``addmm`` for its bias and
-residual. The oneDNN (``torch.ops.mkldnn``) kernels are private PyTorch operators: they are only
-used after a self-check against the portable kernels on the running machine succeeded, else the
-portable PyTorch kernels (``conv2d`` + ``add_``), which also serve CUDA, are used.
+residual. Three kernel sets (:func:`kernels_for`): on CPUs the oneDNN fused operators
+(``torch.ops.mkldnn``, private PyTorch operators); elsewhere the portable PyTorch kernels
+(``conv2d`` + ``relu_`` + ``conv2d`` + ``add_``, cuDNN on GPUs); on CUDA in float32, opt-in until
+measured on a GPU, two Triton kernels (:mod:`lipsim.triton_kernels`: bias, ReLU and rescaling
+fused into the first convolution, the transposed convolution and the residual into the second,
+IEEE float32 dots, no TF32). A non-portable set is used only after a self-check against the
+portable kernels on the running machine succeeded.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import weakref
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +46,7 @@ from torch import nn
 from .archs import LipschitzBackbone
 from .layers import SLLConv2d, SLLLinear, SpaceToDepth, ZeroChannelPad, _autodiff_free
 
-__all__ = ["FastLipschitzBackbone", "optimize", "restore", "is_optimized", "kernels_for"]
+__all__ = ["FastLipschitzBackbone", "optimize", "restore", "is_optimized", "kernels_for", "use_kernels"]
 
 _CL = torch.channels_last
 
@@ -86,31 +93,37 @@ def is_optimized(model: nn.Module) -> bool:
 _FOLDED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _folded_conv(layer: SLLConv2d, x: torch.Tensor, use_mkldnn: bool) -> tuple:
-    """(s·K, s·b, -flip(K)ᵀ, padding) in x's dtype, rebuilt only when the layer's cached scale
-    is (i.e. when a parameter changed). For oneDNN the kernels are pre-packed once into its
-    blocked layout (valid for any batch size), which saves a weight reorder per call."""
+def _folded_conv(layer: SLLConv2d, x: torch.Tensor, kernels: str) -> tuple:
+    """(s·K, s·b, -flip(K)ᵀ, padding) in x's dtype for ``kernels``, rebuilt only when the layer's
+    cached scale is (i.e. when a parameter changed). For oneDNN the kernels are pre-packed once
+    into its blocked layout (valid for any batch size), which saves a weight reorder per call;
+    for Triton they are laid out tap by tap (:func:`lipsim.triton_kernels.fold_weights`)."""
     scale = layer._scale()
     dtype = x.dtype
     memo = _FOLDED.get(layer)
-    if memo is not None and memo[0] is scale and memo[1] == dtype and memo[2] == use_mkldnn:
+    if memo is not None and memo[0] is scale and memo[1] == dtype and memo[2] == kernels:
         return memo[3]
     with torch.inference_mode(False), torch.no_grad():
         kernel = layer.kernel.detach()
         pad = kernel.shape[-1] // 2
-        k1 = (kernel * scale.view(-1, 1, 1, 1)).to(dtype).contiguous(memory_format=_CL)
-        b1 = (layer.bias.detach().view(-1) * scale).to(dtype)
-        k2 = kernel.neg().transpose(0, 1).flip(-2, -1).to(dtype).contiguous(memory_format=_CL)
-        if use_mkldnn:
-            p, one = [pad, pad], [1, 1]
-            size = list(x.shape)
-            k1 = torch.ops.mkldnn._reorder_convolution_weight(k1, p, one, one, 1, size)
-            k2 = torch.ops.mkldnn._reorder_convolution_weight(
-                k2, p, one, one, 1, [size[0], k2.shape[1]] + size[2:]
-            )
-    out = (k1, b1, k2, pad)
+        if kernels == "triton":
+            from .triton_kernels import fold_weights
+
+            out = fold_weights(kernel, layer.bias.detach(), scale) + (pad,)
+        else:
+            k1 = (kernel * scale.view(-1, 1, 1, 1)).to(dtype).contiguous(memory_format=_CL)
+            b1 = (layer.bias.detach().view(-1) * scale).to(dtype)
+            k2 = kernel.neg().transpose(0, 1).flip(-2, -1).to(dtype).contiguous(memory_format=_CL)
+            if kernels == "mkldnn":
+                p, one = [pad, pad], [1, 1]
+                size = list(x.shape)
+                k1 = torch.ops.mkldnn._reorder_convolution_weight(k1, p, one, one, 1, size)
+                k2 = torch.ops.mkldnn._reorder_convolution_weight(
+                    k2, p, one, one, 1, [size[0], k2.shape[1]] + size[2:]
+                )
+            out = (k1, b1, k2, pad)
     # holding ``scale`` keeps its identity unique while the entry lives
-    _FOLDED[layer] = (scale, dtype, use_mkldnn, out)
+    _FOLDED[layer] = (scale, dtype, kernels, out)
     return out
 
 
@@ -126,12 +139,18 @@ def _conv_mkldnn(x: torch.Tensor, k1, b1, k2, pad: int) -> torch.Tensor:
     return ops._convolution_pointwise_.binary(x, res, k2, None, p, one, one, 1, "add", None, None, [], None)
 
 
-def _sll_conv_inplace(layer: SLLConv2d, x: torch.Tensor, use_mkldnn: bool) -> torch.Tensor:
+def _conv_triton(x: torch.Tensor, w1, b1, w2, pad: int) -> torch.Tensor:
+    from .triton_kernels import sll_conv_
+
+    return sll_conv_(x, w1, b1, w2)
+
+
+_CONV_KERNELS = {"portable": _conv_portable, "mkldnn": _conv_mkldnn, "triton": _conv_triton}
+
+
+def _sll_conv_inplace(layer: SLLConv2d, x: torch.Tensor, kernels: str) -> torch.Tensor:
     """``x ← x - 𝒦*(s·ReLU(𝒦x + b))`` computed in x's own (channels-last) buffer."""
-    k1, b1, k2, pad = _folded_conv(layer, x, use_mkldnn)
-    if use_mkldnn:
-        return _conv_mkldnn(x, k1, b1, k2, pad)
-    return _conv_portable(x, k1, b1, k2, pad)
+    return _CONV_KERNELS[kernels](x, *_folded_conv(layer, x, kernels))
 
 
 def _sll_linear(layer: SLLLinear, x: torch.Tensor) -> torch.Tensor:
@@ -162,42 +181,84 @@ def _zero_pad_cl(x: torch.Tensor, channels: int) -> torch.Tensor:
     return out
 
 
-_MKLDNN_STATUS: dict[torch.dtype, bool] = {}
+#: self-check results, by (kernel set, device, dtype)
+_KERNEL_STATUS: dict[tuple[str, str, torch.dtype], bool] = {}
+#: ``LIPSIM_KERNELS=portable|mkldnn|triton`` forces a kernel set (still self-checked; tests use
+#: ``triton`` with ``TRITON_INTERPRET=1`` to run the Triton kernels on the CPU)
+KERNELS_ENV = "LIPSIM_KERNELS"
 
 
-def _mkldnn_ok(dtype: torch.dtype) -> bool:
-    """Whether the oneDNN fused ops exist here and agree with the portable kernels (checked once
-    per dtype and process, on a small random layer)."""
-    if dtype in _MKLDNN_STATUS:
-        return _MKLDNN_STATUS[dtype]
+def _self_check(kernels: str, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``kernels`` run here and agree with the portable kernels on a small random layer
+    (checked once per kernel set, device and dtype in a process)."""
+    key = (kernels, str(device), dtype)
+    if key in _KERNEL_STATUS:
+        return _KERNEL_STATUS[key]
     ok = False
     try:
-        if torch.backends.mkldnn.is_available() and dtype in (torch.float32, torch.bfloat16):
+        if kernels == "mkldnn":
+            if not torch.backends.mkldnn.is_available() or dtype not in (torch.float32, torch.bfloat16):
+                raise RuntimeError("no oneDNN for this dtype")
             if dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
                 raise RuntimeError("no bf16 support")
-            gen = torch.Generator().manual_seed(0)
-            layer = SLLConv2d(13, 5)
-            with torch.no_grad():
-                for p in layer.parameters():
-                    p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
-            layer.requires_grad_(False)
-            x = torch.randn(2, 13, 9, 11, generator=gen).to(dtype).contiguous(memory_format=_CL)
-            with torch.no_grad():
-                a = _sll_conv_inplace(layer, x.clone(memory_format=_CL), True).float()
-                b = _sll_conv_inplace(layer, x.clone(memory_format=_CL), False).float()
-            tol = 1e-5 if dtype == torch.float32 else 3e-2
-            ok = bool(torch.isfinite(a).all()) and float((a - b).norm() / b.norm()) <= tol
-    except (RuntimeError, AttributeError, NotImplementedError):
+        elif kernels == "triton":
+            from .triton_kernels import available
+
+            if not available() or dtype != torch.float32:
+                raise RuntimeError("no Triton kernels for this dtype")
+        gen = torch.Generator().manual_seed(0)
+        layer = SLLConv2d(13, 5)
+        with torch.no_grad():
+            for p in layer.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+        layer.requires_grad_(False).to(device)
+        x = torch.randn(2, 13, 9, 11, generator=gen).to(device, dtype).contiguous(memory_format=_CL)
+        with torch.no_grad():
+            a = _sll_conv_inplace(layer, x.clone(memory_format=_CL), kernels).float()
+            b = _sll_conv_inplace(layer, x.clone(memory_format=_CL), "portable").float()
+        tol = 1e-5 if dtype == torch.float32 else 3e-2
+        ok = bool(torch.isfinite(a).all()) and float((a - b).norm() / b.norm()) <= tol
+    except (RuntimeError, AttributeError, NotImplementedError, ImportError, ValueError):
         ok = False
-    _MKLDNN_STATUS[dtype] = ok
+    _KERNEL_STATUS[key] = ok
     return ok
 
 
+_forced_kernels: str | None = None
+KERNEL_SETS = ("portable", "mkldnn", "triton")
+
+
+@contextlib.contextmanager
+def use_kernels(kernels: str | None) -> Iterator[None]:
+    """Within the block, prefer ``kernels`` ("portable", "mkldnn", "triton"; None: automatic) for
+    the fused path, as :data:`KERNELS_ENV` does process-wide. A set that fails its self-check
+    here still falls back to the portable kernels."""
+    global _forced_kernels
+    if kernels is not None and kernels not in KERNEL_SETS:
+        raise ValueError(f"kernels must be one of {KERNEL_SETS} or None, got {kernels!r}")
+    saved, _forced_kernels = _forced_kernels, kernels
+    try:
+        yield
+    finally:
+        _forced_kernels = saved
+
+
 def kernels_for(device: torch.device | str, dtype: torch.dtype = torch.float32) -> str:
-    """Which SLL-convolution kernels the fused path uses for ``device``/``dtype``:
-    "mkldnn" (CPU, oneDNN post-op fusion, self-checked) or "portable" (PyTorch ops)."""
+    """Which SLL-convolution kernels the fused path uses for ``device``/``dtype``.
+
+    Automatic choice: "mkldnn" on CPUs (oneDNN post-op fusion), "portable" (PyTorch ops) elsewhere.
+    The Triton kernels (CUDA, float32, :mod:`lipsim.triton_kernels`) are opt-in, through
+    :func:`use_kernels` or ``LIPSIM_KERNELS=triton``, until a GPU benchmark shows them faster
+    than cuDNN. A non-portable set is used only after it passed its self-check here."""
     device = torch.device(device)
-    return "mkldnn" if device.type == "cpu" and _mkldnn_ok(dtype) else "portable"
+    forced = _forced_kernels or os.environ.get(KERNELS_ENV, "").strip().lower()
+    if forced in KERNEL_SETS:
+        candidate = forced
+    else:
+        candidate = "mkldnn" if device.type == "cpu" else "portable"
+    if candidate == "portable" or _self_check(candidate, device, dtype):
+        return candidate
+    return "portable"
 
 
 # -- the runner --------------------------------------------------------------------------------
@@ -249,7 +310,7 @@ class FastLipschitzBackbone(LipschitzBackbone):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._fast_applicable(x):
             return super().forward(x)
-        use_mkldnn = x.device.type == "cpu" and _mkldnn_ok(x.dtype)
+        kernels = kernels_for(x.device, x.dtype)
         with torch.no_grad():
             owned = False  # whether x is a buffer this runner created and may overwrite
             for _, layer in self.lipschitz_layers():
@@ -258,7 +319,7 @@ class FastLipschitzBackbone(LipschitzBackbone):
                     if not owned:
                         x = torch.empty_like(x, memory_format=_CL).copy_(x)
                         owned = True
-                    x = _sll_conv_inplace(layer, x, use_mkldnn)
+                    x = _sll_conv_inplace(layer, x, kernels)
                 elif kind is SLLLinear and x.dim() == 2:
                     x, owned = _sll_linear(layer, x), True
                 elif kind is SpaceToDepth and x.dim() == 4:
