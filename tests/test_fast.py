@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import os
 import pickle
 
 import pytest
@@ -69,7 +70,7 @@ def test_fused_sll_conv_matches_plain(kernels, channels, inner, ksize, shape):
     with torch.no_grad():
         plain = layer(x)
         buf = x.clone(memory_format=torch.channels_last)
-        out = fast._sll_conv_inplace(layer, buf, kernels == "mkldnn")
+        out = fast._sll_conv_inplace(layer, buf, kernels)
     assert out.data_ptr() == buf.data_ptr()  # really in place
     assert rel_err(out, plain) <= REL
 
@@ -361,3 +362,16 @@ def test_embed_fast_is_not_a_certified_output(images):
     for certified in (lipsim.LipSim.certify_2afc, lipsim.LipSim.distance_interval, lipsim.LipSim.embed):
         params = inspect.signature(certified).parameters
         assert "dtype" not in params and "fast" not in params  # no way to ask them for bf16
+
+
+def test_use_kernels_names_and_falls_back_when_a_set_cannot_run():
+    with pytest.raises(ValueError, match="kernels must be one of"):
+        with fast.use_kernels("cudnn"):
+            pass
+    # Triton cannot run on CPU tensors outside its interpreter: the self-check fails, portable runs
+    with fast.use_kernels("portable"):
+        assert fast.kernels_for("cpu") == "portable"
+    if not os.environ.get("TRITON_INTERPRET"):
+        with fast.use_kernels("triton"):
+            assert fast.kernels_for("cpu") == "portable"
+    assert fast.kernels_for("cpu") in ("mkldnn", "portable")

@@ -48,26 +48,34 @@ def _pow2_at_least_16(n: int) -> int:
 if triton is not None:
 
     @triton.jit
+    def _pixels(pid, n_pix, H, W, BLOCK_P: tl.constexpr):
+        """This program's pixels (flat indices), their validity, and (image, row, column)."""
+        p = pid * BLOCK_P + tl.arange(0, BLOCK_P)
+        hw = p % (H * W)
+        return p, p < n_pix, p // (H * W), hw // W, hw % W
+
+    @triton.jit
+    def _neighbour(n, h, w, p_ok, tap, H, W, KS: tl.constexpr):
+        """Flat index of the pixel under ``tap`` of the KS×KS stencil, and whether it lies inside
+        the image (outside: the zero padding)."""
+        hh = h + tap // KS - KS // 2
+        ww = w + tap % KS - KS // 2
+        inside = p_ok & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
+        return (n * H + hh) * W + ww, inside
+
+    @triton.jit
     def _res_kernel(
         x_ptr, w_ptr, b_ptr, res_ptr, n_pix, H, W, C, INNER,
         BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_I: tl.constexpr, KS: tl.constexpr,
     ):  # fmt: skip
         """res[p, i] = ReLU(Σ_tap Σ_c x[p + tap, c]·w[tap, c, i] + b[i]); x, res channels-last."""
-        pid = tl.program_id(0)
-        p = pid * BLOCK_P + tl.arange(0, BLOCK_P)
-        p_ok = p < n_pix
-        hw = p % (H * W)
-        n = p // (H * W)
-        h = hw // W
-        w = hw % W
+        p, p_ok, n, h, w = _pixels(tl.program_id(0), n_pix, H, W, BLOCK_P)
         ci = tl.arange(0, BLOCK_I)
         i_ok = ci < INNER
         acc = tl.zeros((BLOCK_P, BLOCK_I), dtype=tl.float32)
         for tap in range(KS * KS):
-            hh = h + tap // KS - KS // 2
-            ww = w + tap % KS - KS // 2
-            inside = p_ok & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
-            base = ((n * H + hh) * W + ww) * C
+            q, inside = _neighbour(n, h, w, p_ok, tap, H, W, KS)
+            base = q * C
             for c0 in range(0, C, BLOCK_C):
                 cc = c0 + tl.arange(0, BLOCK_C)
                 c_ok = cc < C
@@ -89,25 +97,16 @@ if triton is not None:
         BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_I: tl.constexpr, KS: tl.constexpr,
     ):  # fmt: skip
         """x[p, c] += Σ_tap Σ_i res[p + tap, i]·w[tap, i, c] (in place; w holds -flip(K)ᵀ)."""
-        pid = tl.program_id(0)
-        pid_c = tl.program_id(1)
-        p = pid * BLOCK_P + tl.arange(0, BLOCK_P)
-        p_ok = p < n_pix
-        hw = p % (H * W)
-        n = p // (H * W)
-        h = hw // W
-        w = hw % W
-        cc = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+        p, p_ok, n, h, w = _pixels(tl.program_id(0), n_pix, H, W, BLOCK_P)
+        cc = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         c_ok = cc < C
         ci = tl.arange(0, BLOCK_I)
         i_ok = ci < INNER
         acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
         for tap in range(KS * KS):
-            hh = h + tap // KS - KS // 2
-            ww = w + tap % KS - KS // 2
-            inside = p_ok & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
+            q, inside = _neighbour(n, h, w, p_ok, tap, H, W, KS)
             rb = tl.load(
-                res_ptr + ((n * H + hh) * W + ww)[:, None] * INNER + ci[None, :],
+                res_ptr + q[:, None] * INNER + ci[None, :],
                 mask=inside[:, None] & i_ok[None, :],
                 other=0.0,
             )
