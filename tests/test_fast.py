@@ -375,3 +375,52 @@ def test_use_kernels_names_and_falls_back_when_a_set_cannot_run():
         with fast.use_kernels("triton"):
             assert fast.kernels_for("cpu") == "portable"
     assert fast.kernels_for("cpu") in ("mkldnn", "portable")
+
+
+def _gradcheck_fn(x, kernel, bias):
+    from lipsim.layers import safe_inverse, sll_conv_rescaling
+
+    return fast._SLLConvTrain.apply(x, kernel, bias, 2 * safe_inverse(sll_conv_rescaling(kernel)))
+
+
+def test_fused_training_node_passes_gradcheck():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 6, 5, 7, dtype=torch.float64, generator=gen).requires_grad_()
+    kernel = (torch.randn(4, 6, 3, 3, dtype=torch.float64, generator=gen) * 0.4).requires_grad_()
+    bias = (torch.randn(1, 4, 1, 1, dtype=torch.float64, generator=gen) * 0.5).requires_grad_()
+    assert torch.autograd.gradcheck(_gradcheck_fn, (x, kernel, bias))
+
+
+@pytest.mark.parametrize("arch", ["tiny", "tiny-s2d"])
+def test_fused_training_step_matches_the_plain_graph(arch):
+    model = lipsim.create_model(arch, seed=0)
+    with torch.no_grad():
+        for name, p in model.backbone.named_parameters():
+            if name.endswith("bias"):
+                p.copy_(torch.randn(p.shape) * 0.5)
+    plain = fast.restore(copy.deepcopy(model))
+    x = torch.rand(3, 3, 224, 224)
+    target = torch.randn(3, model.backbone.out_dim)
+    losses, grads = [], []
+    for net in (model.backbone, plain.backbone):
+        net.zero_grad()
+        loss = ((net(x) - target) ** 2).mean()
+        loss.backward()
+        losses.append(float(loss))
+        grads.append({n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None})
+    assert fast.is_optimized(model) and not fast.is_optimized(plain)
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name in grads[0]:
+        assert rel_err(grads[0][name], grads[1][name]) <= 1e-5, name
+    # one graph node per SLL convolution in the fused training forward
+    y = model.backbone(x)
+    names = set()
+    stack = [y.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in names:
+            continue
+        names.add(node)
+        stack += [nxt for nxt, _ in node.next_functions]
+    assert any("SLLConvTrain" in type(n).__name__ for n in names)

@@ -39,8 +39,16 @@ from lipsim.retrieval import (
 from lipsim.retrieval import build as build_mod
 from lipsim.retrieval.attack import attack_threshold, attack_top1
 
-torch.set_num_threads(1)
 NPIX = 16
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These tests use one thread (small tensors); the setting is restored for the other modules."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 # -- helpers ------------------------------------------------------------------------------------

@@ -261,6 +261,78 @@ def kernels_for(device: torch.device | str, dtype: torch.dtype = torch.float32) 
     return "portable"
 
 
+# -- training: the SLL convolution as one autograd node ------------------------------------------
+
+
+def _conv_backward(grad_out, inp, weight, pad: int, mask: list[bool], bias: bool = False):
+    """Gradients of ``conv2d(inp, weight (+ bias), padding=pad)`` (what autograd would call)."""
+    return torch.ops.aten.convolution_backward(
+        grad_out, inp, weight, [weight.shape[0]] if bias else None,
+        [1, 1], [pad, pad], [1, 1], False, [0, 0], 1, mask,
+    )  # fmt: skip
+
+
+class _SLLConvTrain(torch.autograd.Function):
+    """``y = x - 𝒦*(s·ReLU(𝒦x + b))`` as one autograd node, with ``s = 2/t`` an *input* (autograd
+    carries its gradient on to the kernel through t, computed once per step by the layer).
+
+    Forward: ``r = ReLU(conv(x, s·K) + s·b)`` (= s·ReLU(𝒦x + b) as s ≥ 0), ``y = x + conv(r, K')``
+    with ``K' = -flip(K)ᵀ``: two convolutions, one ReLU, one add. Saved: x, r (the narrow inner
+    activation), K, s; the plain graph keeps four activations per layer.
+    Backward, with ``z = 𝒦x + b``: ``g_r = ∂L/∂r`` from the second convolution's backward;
+    ``∂L/∂z = g_r·s·[r > 0]``; ``∂L/∂s_i = Σ g_r·ReLU(z) = Σ g_r·r/s_i`` (0 where s_i = 0, where
+    s has no gradient anyway: ``s = 2·safe_inverse(t)`` is constant there); x, K, b from the
+    first convolution's backward, and K's second share from ``K'``.
+    First-order only (``once_differentiable``)."""
+
+    @staticmethod
+    def forward(ctx, x, kernel, bias, scale):
+        pad = kernel.shape[-1] // 2
+        k1 = kernel * scale.view(-1, 1, 1, 1)
+        b1 = bias.reshape(-1) * scale
+        k2 = kernel.neg().transpose(0, 1).flip(-2, -1)
+        r = F.conv2d(x, k1, b1, padding=pad).relu_()
+        y = torch.add(x, F.conv2d(r, k2, padding=pad))
+        ctx.save_for_backward(x, kernel, scale, r)
+        ctx.bias_shape = bias.shape
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gy):
+        x, kernel, scale, r = ctx.saved_tensors
+        pad = kernel.shape[-1] // 2
+        need_x, need_k, need_b, need_s = ctx.needs_input_grad[:4]
+        k2 = kernel.neg().transpose(0, 1).flip(-2, -1)
+        g_r, g_k2, _ = _conv_backward(gy, r, k2, pad, [True, need_k, False])
+        s = scale.view(1, -1, 1, 1)
+        gs = None
+        if need_s:
+            inv = torch.where(scale > 0, 1.0 / scale.clamp_min(torch.finfo(scale.dtype).tiny), 0.0)
+            gs = (g_r * r).sum(dim=(0, 2, 3)) * inv
+        gz = torch.where(r > 0, g_r * s, 0.0)
+        g_x, g_k, g_b = _conv_backward(gz, x, kernel, pad, [need_x, need_k, need_b], bias=True)
+        gx = gy + g_x if need_x else None
+        gk = g_k - g_k2.transpose(0, 1).flip(-2, -1) if need_k else None
+        gb = g_b.reshape(ctx.bias_shape) if need_b else None
+        return gx, gk, gb, gs
+
+
+def _train_fusable(x: torch.Tensor) -> bool:
+    """Plain reverse-mode autograd in float32/float64 without autocast: the one setting the fused
+    training node is written for (forward AD, torch.func and AMP keep the layer-by-layer path)."""
+    if x.dim() != 4 or x.dtype not in (torch.float32, torch.float64):
+        return False
+    if getattr(torch.autograd.forward_ad, "_current_level", 0) >= 0:
+        return False
+    if torch._C._functorch.is_functorch_wrapped_tensor(x):
+        return False
+    dev = x.device.type
+    if torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev):
+        return False
+    return not _global_hooks()
+
+
 # -- the runner --------------------------------------------------------------------------------
 
 _FAST_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -287,7 +359,9 @@ def _global_hooks() -> bool:
 
 
 class FastLipschitzBackbone(LipschitzBackbone):
-    """A :class:`LipschitzBackbone` whose gradient-free forward runs the fused kernels.
+    """A :class:`LipschitzBackbone` whose gradient-free forward runs the fused kernels, and whose
+    training forward (plain autograd, float32/64, no autocast) runs each SLL convolution as one
+    autograd node with a hand-written backward (:class:`_SLLConvTrain`).
 
     Same parameters, buffers and state dict; created by :func:`optimize`, never directly.
     """
@@ -307,8 +381,23 @@ class FastLipschitzBackbone(LipschitzBackbone):
                 return False
         return not _global_hooks()
 
+    def _forward_training(self, x: torch.Tensor) -> torch.Tensor:
+        """Gradients flow to the parameters: SLL convolutions as single autograd nodes."""
+        for _, layer in self.lipschitz_layers():
+            if type(layer) is SLLConv2d and not _has_hooks(layer) and x.dim() == 4:
+                x = _SLLConvTrain.apply(x, layer.kernel, layer.bias, layer._scale().to(x.dtype))
+            else:
+                x = layer(x)
+        return x
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._fast_applicable(x):
+            if (
+                torch.is_grad_enabled()
+                and any(p.requires_grad for p in self.parameters())
+                and _train_fusable(x)
+            ):
+                return self._forward_training(x)
             return super().forward(x)
         kernels = kernels_for(x.device, x.dtype)
         with torch.no_grad():

@@ -190,7 +190,16 @@ class DistillDataset:
 
     def __getitem__(self, index: int) -> dict:
         image, key = self.folder.read_pil(index)
-        view_a, view_b = self.views(image, self._generator(index))
+        # One thread, as in a DataLoader worker: some colour operations reduce over the image,
+        # and a reduction's float rounding depends on how many threads share it. Pinning the
+        # count makes a view bit-identical whichever process computes it (resume with or
+        # without workers reaches the same weights).
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            view_a, view_b = self.views(image, self._generator(index))
+        finally:
+            torch.set_num_threads(threads)
         return {"view_a": view_a, "view_b": view_b, "key": key}
 
     def __repr__(self) -> str:
