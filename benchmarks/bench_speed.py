@@ -431,7 +431,14 @@ def bench_training(arch: str, batch: int, args, device: torch.device, rows: list
 
         return go_
 
-    fns = {"baseline": step(base, opt_b, x), "lipsim": step(backbone, opt_o, x)}
+    # the same lipsim model without the fused training node (each SLL convolution as 5 graph ops)
+    unfused = fast.restore(copy.deepcopy(model)).backbone.train().requires_grad_(True)
+    opt_u = torch.optim.Adam(unfused.parameters(), lr=1e-5)
+    fns = {
+        "baseline": step(base, opt_b, x),
+        "lipsim layer-by-layer": step(unfused, opt_u, x),
+        "lipsim": step(backbone, opt_o, x),
+    }
     if args.train_channels_last:
         fns["lipsim channels-last"] = step(backbone, opt_o, x_cl)
     if not (loss_err <= REL_TOL and grad_err <= GRAD_TOL):
@@ -760,6 +767,7 @@ def main() -> int:
     p.add_argument("--train-repeats", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--no-train", action="store_true")
+    p.add_argument("--no-embed", action="store_true")
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--no-cli", action="store_true")
     p.add_argument("--cli-repeats", type=int, default=3)
@@ -820,7 +828,7 @@ def main() -> int:
     rows: list = []
     cli_rows: list = []
     notes: list = []
-    for arch in archs:
+    for arch in [] if args.no_embed else archs:
         b = batch_small if arch == "small" else batch
         print(f"[embed] {arch} batch {b} ...", file=sys.stderr, flush=True)
         bench_embedding(arch, b, args, device, rows, notes)
