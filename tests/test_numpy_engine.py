@@ -369,3 +369,33 @@ def test_dataclass_config_round_trip_through_numpy_files(tmp_path):
     model = lipsim.LipSim.from_config(config)
     model.save(tmp_path / "c.safetensors")
     assert NumpyLipSim.load(tmp_path / "c.safetensors").config == config
+
+
+@pytest.mark.parametrize(
+    "arch",
+    [
+        '{"name": "x", "family": "published", "depth": 1000000000, "channels": 4}',
+        '{"name": "x", "family": "s2d", "stages": [[1000000000, 4]]}',
+        '{"name": "x", "family": "s2d", "s2d": 0, "stages": [[1, 4]]}',
+        '{"name": "x", "family": "s2d", "pool": true, "stages": [[1, 4]]}',
+        '{"name": "x", "family": "s2d", "stages": [[1, 4]], "center": "NaN"}',
+    ],
+)
+def test_hostile_architecture_metadata_is_refused_before_building(tmp_path, arch):
+    path = tmp_path / "hostile.safetensors"
+    _save_tiny(path, metadata={"format": "lipsim", "arch": arch, "embedding": "append"})
+    for loader in (NumpyLipSim.load, lipsim.load):
+        with pytest.raises(CheckpointError, match="bad architecture metadata") as info:
+            loader(path)
+        assert "\n" not in str(info.value)
+
+
+def test_huge_but_valid_architecture_is_refused_by_its_missing_weights(tmp_path):
+    """A config within bounds whose weights the file does not hold: refused from the shapes,
+    before a (here 5 GB) model is allocated."""
+    cfg = ArchConfig("big", "published", depth=2, channels=1 << 20, depth_linear=1, n_features=8)
+    path = tmp_path / "big.safetensors"
+    _save_tiny(path, metadata={"format": "lipsim", "arch": cfg.to_json(), "embedding": "append"})
+    for loader in (NumpyLipSim.load, lipsim.load):
+        with pytest.raises(CheckpointError, match="do not match"):
+            loader(path)

@@ -76,17 +76,19 @@ def _load_safetensors(path: Path, device, embedding: str | None) -> LipSim:
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
     config, mode = config_from_metadata(meta, path, embedding)
-    model = LipSim(build_backbone(config), embedding=mode)
-    _load_state(model, tensors, path)
-    return _finish(model, device)
+    return _finish(_build_checked(config, mode, tensors, path), device)
 
 
-def _load_state(model: LipSim, state: dict, path) -> None:
+def _build_checked(config: ArchConfig, embedding: str, state: dict, path) -> LipSim:
+    """The model of ``config`` holding ``state``, after every key, shape and value of ``state`` was
+    checked against the configuration: nothing is allocated for a file that does not hold it."""
     for key, value in state.items():
         if not isinstance(value, torch.Tensor):
             raise CheckpointError(f"{path}: entry {key!r} is not a tensor")
-    check_state(state, model.config, path, lambda t: bool(torch.isfinite(t).all()))
+    check_state(state, config, path, lambda t: bool(torch.isfinite(t).all()))
+    model = LipSim(build_backbone(config), embedding=embedding)
     model.backbone.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+    return model
 
 
 _BASE_KEY = re.compile(r"^base\.(1|2)\.(\d+)\.(.+)$")
@@ -149,7 +151,10 @@ def _published_config(state: dict, out_dim: int) -> ArchConfig:
         cfg = get_config(name)
         if cfg.family == "published" and all(getattr(cfg, k) == v for k, v in fields.items()):
             return cfg
-    return ArchConfig(name="published-custom", **fields)
+    try:
+        return ArchConfig(name="published-custom", **fields)
+    except ValueError as exc:
+        raise CheckpointError(f"not a usable LipSim checkpoint ({exc})") from None
 
 
 def load_published(path, out_dim: int = PUBLISHED_OUT_DIM, embedding: str = "plain", device="cpu") -> LipSim:
@@ -186,9 +191,7 @@ def load_published(path, out_dim: int = PUBLISHED_OUT_DIM, embedding: str = "pla
         raise CheckpointError(f"{path}: model_state_dict is not a dict")
     state = normalise_published_keys(state)
     config = _published_config(state, out_dim)
-    model = LipSim(build_backbone(config), embedding=embedding)
-    _load_state(model, state, path)
-    return _finish(model, device)
+    return _finish(_build_checked(config, embedding, state, path), device)
 
 
 def load(source=None, device="cpu", embedding: str | None = None, out_dim: int = PUBLISHED_OUT_DIM) -> LipSim:

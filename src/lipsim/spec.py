@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Callable
 
 from .errors import CheckpointError
@@ -52,6 +53,24 @@ FORMAT_VERSION = "1"
 SLL_KERNEL_SIZE = 3
 
 
+_MAX_LAYERS = 10_000
+_MAX_WIDTH = 1 << 24
+_MAX_STAGES = 16
+#: (field, smallest, largest) for the integer fields of ArchConfig
+_INT_BOUNDS = (
+    ("out_dim", 1, _MAX_WIDTH),
+    ("input_size", 1, 16_384),
+    ("depth", 0, _MAX_LAYERS),
+    ("channels", 0, _MAX_WIDTH),
+    ("conv_size", 1, _MAX_WIDTH),
+    ("s2d", 1, 64),
+    ("pool", 1, 4096),
+    ("linear_width", 0, _MAX_WIDTH),
+    ("depth_linear", 0, _MAX_LAYERS),
+    ("n_features", 1, _MAX_WIDTH),
+)
+
+
 @dataclasses.dataclass(frozen=True)
 class ArchConfig:
     """Everything needed to rebuild a backbone; stored in checkpoint metadata as JSON."""
@@ -73,6 +92,31 @@ class ArchConfig:
     # both
     depth_linear: int = 0
     n_features: int = 1024
+
+    def __post_init__(self) -> None:
+        """Refuses impossible or absurd values, so that a hostile model file cannot make the plan
+        divide by zero or build billions of layers before its weights are even compared."""
+        if not isinstance(self.name, str) or not 0 < len(self.name) <= 200:
+            raise ValueError("architecture name must be a non-empty string of at most 200 characters")
+        if self.family not in FAMILIES:
+            raise ValueError(f"unknown architecture family {self.family!r}")
+        for field, low, high in _INT_BOUNDS:
+            value = getattr(self, field)
+            if type(value) is not int or not low <= value <= high:
+                raise ValueError(f"{field} must be an integer in [{low}, {high}], got {value!r}")
+        if not isinstance(self.stages, tuple) or len(self.stages) > _MAX_STAGES:
+            raise ValueError(f"stages must be a tuple of at most {_MAX_STAGES} (n_convs, inner) pairs")
+        for stage in self.stages:
+            if (
+                not isinstance(stage, tuple)
+                or len(stage) != 2
+                or any(type(v) is not int for v in stage)
+                or not 0 <= stage[0] <= _MAX_LAYERS
+                or not 1 <= stage[1] <= _MAX_WIDTH
+            ):
+                raise ValueError(f"bad stage {stage!r}: expected (n_convs, inner width) integers")
+        if type(self.center) not in (int, float) or not math.isfinite(self.center):
+            raise ValueError(f"center must be a finite number, got {self.center!r}")
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
