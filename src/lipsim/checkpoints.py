@@ -11,10 +11,8 @@
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import re
-import tempfile
 from pathlib import Path
 
 import torch
@@ -23,6 +21,7 @@ from safetensors.torch import save_file
 
 from .archs import ArchConfig, build_backbone, get_config, list_archs
 from .errors import CheckpointError
+from .fileio import atomic_write
 from .model import LipSim
 from .modelfiles import default_model_path, is_safetensors, resolve_model_path
 from .spec import FORMAT, FORMAT_VERSION, check_state, config_from_metadata
@@ -31,22 +30,6 @@ __all__ = ["load", "save_model", "load_published", "default_model_path", "PUBLIS
 
 #: output dimension of the published checkpoints (DreamSim ensemble teacher)
 PUBLISHED_OUT_DIM = 1792
-
-
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def save_model(model: LipSim, path, extra_metadata: dict | None = None) -> None:
@@ -60,7 +43,7 @@ def save_model(model: LipSim, path, extra_metadata: dict | None = None) -> None:
     }
     for key, value in (extra_metadata or {}).items():
         metadata[str(key)] = value if isinstance(value, str) else json.dumps(value)
-    _atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def _finish(model: LipSim, device) -> LipSim:

@@ -39,6 +39,7 @@ import torch
 import torchvision.transforms.functional as TF
 from torchvision.transforms import InterpolationMode
 
+from ..fileio import atomic_write
 from ._io import jpeg_roundtrip, open_rgb, pil_to_tensor, quantize, save_png
 from .errors import DatasetError
 from .folders import list_images
@@ -544,10 +545,12 @@ def make_2afc(
         # no output path inside: the folder's bytes depend only on the seed and the photos
         record = {k: v for k, v in summary.items() if k != "out"}
         json.dump({**record, "photo_keys": keys, "triplets": meta}, handle, indent=1)
-    tmp = out / "data.csv.tmp"
-    with open(tmp, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(CSV_HEADER)
-        writer.writerows(rows)
-    os.replace(tmp, out / "data.csv")
+
+    def write_csv(tmp: str) -> None:
+        with open(tmp, "w", newline="", encoding="utf-8") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(CSV_HEADER)
+            writer.writerows(rows)
+
+    atomic_write(out / "data.csv", write_csv)  # last: a folder with data.csv is complete
     return summary

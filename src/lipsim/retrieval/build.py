@@ -25,9 +25,10 @@ import numpy as np
 import torch
 
 from ..errors import LipSimError
+from ..fileio import atomic_write
 from ..images import IMAGE_EXTENSIONS, load_image
 from .identity import ModelIdentity
-from .index import UNIT_TOL, Index, IndexFormatError, _atomic_save, embed_images
+from .index import UNIT_TOL, Index, IndexFormatError, embed_images
 
 __all__ = ["list_images", "index_folder", "embed_folder", "BuildReport", "FolderEmbeddings"]
 
@@ -243,7 +244,7 @@ def index_folder(
     if not partial.is_dir():
         partial.mkdir(parents=True)
         manifest = {"model": identity.as_dict(), "root": str(root)}
-        _atomic_save(partial / "manifest.json", _write_text(json.dumps(manifest)))
+        atomic_write(partial / "manifest.json", _write_text(json.dumps(manifest)))
 
     number = max((rec["number"] for rec in records), default=-1) + 1
     buf_paths: list[str] = []
@@ -259,10 +260,10 @@ def index_folder(
         stem = f"chunk-{number:06d}"
         emb = np.concatenate(buf_emb) if buf_emb else np.zeros((0, identity.dim), np.float32)
         nrm = np.concatenate(buf_norms) if buf_norms else np.zeros((0,), np.float32)
-        _atomic_save(partial / f"{stem}.emb.npy", _write_npy(emb))
-        _atomic_save(partial / f"{stem}.norms.npy", _write_npy(nrm))
+        atomic_write(partial / f"{stem}.emb.npy", _write_npy(emb))
+        atomic_write(partial / f"{stem}.norms.npy", _write_npy(nrm))
         rec = {"paths": list(buf_paths), "skipped": [list(s) for s in buf_skipped]}
-        _atomic_save(partial / f"{stem}.json", _write_text(json.dumps(rec, ensure_ascii=False)))
+        atomic_write(partial / f"{stem}.json", _write_text(json.dumps(rec, ensure_ascii=False)))
         rec.update(emb=partial / f"{stem}.emb.npy", norms=partial / f"{stem}.norms.npy", number=number)
         new_records.append(rec)
         number += 1

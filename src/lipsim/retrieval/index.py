@@ -23,8 +23,6 @@ exactly (the embeddings are all stored).
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +30,7 @@ import numpy as np
 import torch
 
 from ..errors import LipSimError
+from ..fileio import atomic_write
 from .certificate import search_allowance, top1_radius
 from .identity import ModelIdentity
 
@@ -110,18 +109,6 @@ def embed_images(model, images: torch.Tensor, batch_size: int = 32) -> tuple[np.
     if not embs:
         return np.zeros((0, model.embed_dim), np.float32), np.zeros((0,), np.float32)
     return np.concatenate(embs), np.concatenate(norms)
-
-
-def _atomic_save(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 class Index:
@@ -456,14 +443,14 @@ class Index:
 
             return write
 
-        _atomic_save(path / "embeddings.npy", write_embeddings)
-        _atomic_save(path / "norms.npy", write_npy(np.asarray(self.norms, np.float32)))
-        _atomic_save(path / "paths.json", write_text(json.dumps(self._paths, ensure_ascii=False)))
+        atomic_write(path / "embeddings.npy", write_embeddings)
+        atomic_write(path / "norms.npy", write_npy(np.asarray(self.norms, np.float32)))
+        atomic_write(path / "paths.json", write_text(json.dumps(self._paths, ensure_ascii=False)))
         if self.approximate == "hnsw" and n:
             import faiss
 
             hnsw = self._ensure_hnsw()
-            _atomic_save(path / "hnsw.faiss", lambda tmp: faiss.write_index(hnsw, tmp))
+            atomic_write(path / "hnsw.faiss", lambda tmp: faiss.write_index(hnsw, tmp))
         elif (path / "hnsw.faiss").exists():
             (path / "hnsw.faiss").unlink()
         meta = {
@@ -482,7 +469,7 @@ class Index:
             },
             "info": self.info,
         }
-        _atomic_save(path / "meta.json", write_text(json.dumps(meta, indent=1, ensure_ascii=False)))
+        atomic_write(path / "meta.json", write_text(json.dumps(meta, indent=1, ensure_ascii=False)))
         return path
 
     @staticmethod

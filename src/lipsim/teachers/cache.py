@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -29,6 +28,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
+from ..fileio import atomic_write
 from .base import Teacher
 
 FORMAT = "lipsim-embedding-cache"
@@ -45,15 +45,11 @@ def _shard_keys_file(i: int) -> str:
 
 
 def _write_json(path: Path, obj) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
             json.dump(obj, f, indent=None if isinstance(obj, list) else 1)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+
+    atomic_write(path, write)
 
 
 def _device_of(teacher: torch.nn.Module) -> torch.device:
@@ -180,11 +176,10 @@ def _build_shard(
     loader = DataLoader(
         Subset(dataset, range(start, stop)), batch_size=batch_size, shuffle=False, num_workers=num_workers
     )
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{_shard_file(i)}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    keys: list[str] = []
+
+    def write(tmp: str) -> None:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np_dtype, shape=(rows, dim))
-        keys: list[str] = []
         for images, batch_keys in loader:
             batch_keys = list(batch_keys)
             if not all(isinstance(k, str) for k in batch_keys):
@@ -199,11 +194,8 @@ def _build_shard(
             raise RuntimeError(f"shard {i}: the dataset yielded {len(keys)} items, expected {rows}")
         out.flush()
         del out
-        os.replace(tmp, folder / _shard_file(i))
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+
+    atomic_write(folder / _shard_file(i), write)
     # The keys file is written after the rows: a shard counts as complete only when both exist.
     _write_json(folder / _shard_keys_file(i), keys)
 

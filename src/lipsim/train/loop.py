@@ -33,7 +33,6 @@ import math
 import os
 import random
 import signal
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -46,6 +45,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from ..checkpoints import save_model
 from ..errors import LipSimError
+from ..fileio import atomic_write
 from .distributed import DistEnv, all_reduce_sum, any_rank, barrier
 
 __all__ = [
@@ -329,29 +329,6 @@ def set_rng_state(state: dict) -> None:
 
 
 # -- files ------------------------------------------------------------------------------------
-def _read_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _read_umask()
-
-
-def _atomic(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; run files follow the umask
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _save_torch(obj, path: Path) -> None:
     def write(tmp: str) -> None:
         with open(tmp, "wb") as fh:
@@ -359,7 +336,7 @@ def _save_torch(obj, path: Path) -> None:
             fh.flush()
             os.fsync(fh.fileno())
 
-    _atomic(path, write)
+    atomic_write(path, write)
 
 
 def load_checkpoint(path) -> dict:
@@ -392,7 +369,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
                 kept.append(line)
         except (ValueError, KeyError, TypeError):
             continue
-    _atomic(path, lambda tmp: Path(tmp).write_text("".join(k + "\n" for k in kept), encoding="utf-8"))
+    atomic_write(path, lambda tmp: Path(tmp).write_text("".join(k + "\n" for k in kept), encoding="utf-8"))
 
 
 def plot_metrics(metrics_path: Path, png_path: Path, title: str = "") -> None:
@@ -421,7 +398,7 @@ def plot_metrics(metrics_path: Path, png_path: Path, title: str = "") -> None:
     ax.set_title(title)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    _atomic(png_path, lambda tmp: fig.savefig(tmp, format="png"))
+    atomic_write(png_path, lambda tmp: fig.savefig(tmp, format="png"))
 
 
 # -- signals ----------------------------------------------------------------------------------
@@ -673,7 +650,7 @@ def train(task: TrainTask, cfg: LoopConfig, env: DistEnv) -> TrainResult:
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
         if not cfg.resume or not (out / "config.json").exists():
-            _atomic(
+            atomic_write(
                 out / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(run_info, indent=2) + "\n")
             )
         log.info(

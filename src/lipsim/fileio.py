@@ -1,0 +1,43 @@
+"""Atomic file writes, shared by every writer in lipsim (models, training runs, caches, indexes).
+
+A file is written under a temporary name in its own folder and renamed over the target, so a
+reader (or a resumed run) sees either the old file or the complete new one, never a torn write,
+whatever interrupts the writer. The file gets the permissions a plain ``open()`` would give
+(``0666`` less the umask), not the ``0600`` of ``mkstemp``.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+__all__ = ["atomic_write"]
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _umask()
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> None:
+    """Calls ``write(tmp_path)`` to fill a temporary file beside ``path``, then renames it onto
+    ``path``. The parent folder is created; on any failure (or interrupt) the temporary file is
+    removed and ``path`` is untouched."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        os.chmod(tmp, 0o666 & ~_UMASK)
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
