@@ -36,7 +36,6 @@ import copy
 import datetime
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -47,6 +46,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from machine import cpu_model  # benchmarks/machine.py
 from torch import nn
 
 import lipsim
@@ -178,16 +178,6 @@ def baseline_like(model: lipsim.LipSim) -> BaselineNet:
 # ---------------------------------------------------------------------------------------------
 # Machine description and timing
 # ---------------------------------------------------------------------------------------------
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def device_name(device: torch.device) -> str:
