@@ -256,20 +256,6 @@ def bench_embedding(arch: str, batch: int, args, device: torch.device, rows: lis
         "lipsim fast": lambda: fast_model.embed(x),
         "lipsim bf16": lambda: fast_model.embed_fast(x),
     }
-    if args.compile and arch == args.default_arch:
-        compiled, seconds = compiled_backbone(fast_model, x)
-        with torch.no_grad(), exact_float32():
-            errs["torch.compile"] = rel_err(compiled(x), f_base)
-
-        def run_compiled():
-            with torch.no_grad(), exact_float32():
-                compiled(x)
-
-        fns["torch.compile"] = run_compiled
-        notes.append(
-            f"{arch}: torch.compile (inductor, freezing, fused weights as constants): first call "
-            f"{seconds:.1f} s incl. compilation; the frozen copy does not follow weight updates"
-        )
     if device.type == "cuda" and not args.no_triton:
         with fast.use_kernels("triton"):
             chosen = fast.kernels_for(device)
@@ -366,6 +352,58 @@ class _FrozenBackbone(nn.Module):
         return x
 
 
+def bench_compiled(arch: str, batch: int, args, device: torch.device, rows: list, notes: list) -> None:
+    """``torch.compile`` of the frozen fused backbone against the baseline and the fused path.
+
+    Its own section, run last: compiling takes minutes, and a run cut short by a time limit
+    keeps every row measured before it."""
+    model = fast.optimize(make_model(arch, device))
+    base = baseline_like(model).requires_grad_(False).eval()
+    x = torch.rand((batch, 3, 224, 224), generator=torch.Generator().manual_seed(2)).to(device)
+    with torch.no_grad(), exact_float32():
+        f_base = base(x)
+    compiled, seconds = compiled_backbone(model, x)
+    with torch.no_grad(), exact_float32():
+        err = rel_err(compiled(x), f_base)
+    notes.append(
+        f"{arch}: torch.compile (inductor, freezing, fused weights as constants): first call "
+        f"{seconds:.1f} s incl. compilation; the frozen copy does not follow weight updates"
+    )
+    if err > REL_TOL:
+        notes.append(f"{arch}: 'torch.compile' REFUSED: differs from the baseline (rel err {err:.1e})")
+        return
+
+    def run_base():
+        with torch.no_grad(), exact_float32():
+            base.embed(x)
+
+    def run_compiled():
+        with torch.no_grad(), exact_float32():
+            compiled(x)
+
+    fns = {"baseline": run_base, "lipsim fast": lambda: model.embed(x), "torch.compile": run_compiled}
+    times = interleaved(fns, args.repeats, args.warmup, device)
+    base_med = statistics.median(times["baseline"])
+    ts = times["torch.compile"]
+    rows.append(
+        dict(
+            task="embed",
+            arch=arch,
+            impl="torch.compile",
+            precision="fp32",
+            batch=batch,
+            img_s=batch / statistics.median(ts),
+            speedup=base_med / statistics.median(ts),
+            spread=f"{batch / max(ts):.3g}-{batch / min(ts):.3g}",
+            check=f"rel {err:.0e}",
+        )
+    )
+    notes.append(
+        f"{arch}: torch.compile section's own baseline {batch / base_med:.3g} img/s, lipsim fast "
+        f"{batch / statistics.median(times['lipsim fast']):.3g} img/s (same run)"
+    )
+
+
 def compiled_backbone(model: lipsim.LipSim, x: torch.Tensor):
     """``torch.compile`` of the frozen fused backbone; returns (callable, seconds of the first call)."""
     import torch._inductor.config as inductor_config
@@ -411,10 +449,13 @@ def bench_training(arch: str, batch: int, args, device: torch.device, rows: list
     opt_b = torch.optim.Adam(base.parameters(), lr=1e-5)
     opt_o = torch.optim.Adam(backbone.parameters(), lr=1e-5)
 
-    def step(net, opt, inp):
+    def step(net, opt, inp, amp=False):
+        # amp: bf16 autocast around the forward, as lipsim.train does on GPUs (--amp auto); the
+        # parameters, gradients and optimizer stay float32, and bf16 needs no loss scaling
         def go_():
             with exact_float32():
-                loss = loss_of(net, inp)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                    loss = loss_of(net, inp)
                 loss.backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
@@ -431,6 +472,11 @@ def bench_training(arch: str, batch: int, args, device: torch.device, rows: list
     }
     if args.train_channels_last:
         fns["lipsim channels-last"] = step(backbone, opt_o, x_cl)
+    amp = device.type == "cuda" or args.train_amp
+    if amp:
+        with exact_float32(), torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
+            amp_err = abs(loss_of(backbone, x).float().item() - lo.item()) / max(abs(lo.item()), 1e-30)
+        fns["lipsim bf16 autocast"] = step(backbone, opt_o, x, amp=True)
     if not (loss_err <= REL_TOL and grad_err <= GRAD_TOL):
         notes.append(f"{arch}: training REFUSED: loss rel err {loss_err:.1e}, grad rel err {grad_err:.1e}")
         return
@@ -443,12 +489,18 @@ def bench_training(arch: str, batch: int, args, device: torch.device, rows: list
                 task="train",
                 arch=arch,
                 impl=name,
-                precision="fp32",
+                precision="bf16 autocast" if name == "lipsim bf16 autocast" else "fp32",
                 batch=batch,
                 img_s=batch / med,
                 speedup=base_med / med,
                 spread=f"{batch / max(ts):.3g}-{batch / min(ts):.3g}",
-                check="reference" if name == "baseline" else f"loss {loss_err:.0e} grad {grad_err:.0e}",
+                check=(
+                    "reference"
+                    if name == "baseline"
+                    else f"loss rel {amp_err:.0e} vs fp32"
+                    if name == "lipsim bf16 autocast"
+                    else f"loss {loss_err:.0e} grad {grad_err:.0e}"
+                ),
             )
         )
 
@@ -512,37 +564,61 @@ def bench_dreamsim(batch: int, args, device: torch.device, rows: list, notes: li
 # -- memory (CPU): one subprocess per configuration, peak RSS ---------------------------------
 
 
+#: the rows a memory probe can rebuild in a fresh process (CPU); others get no peak RSS
+PROBED = {
+    "embed": ("baseline", "lipsim plain", "lipsim fast", "lipsim bf16", "numpy engine"),
+    "train": ("baseline", "lipsim layer-by-layer", "lipsim", "lipsim bf16 autocast"),
+}
+
+
 def memory_probe(spec: dict) -> dict:
-    """Runs in a child process: builds one configuration, runs it once, reports peak RSS."""
+    """Runs in a child process: builds one configuration (the row's implementation, as the
+    timing built it), runs it once, reports peak RSS."""
     torch.set_num_threads(spec["threads"])
-    device = torch.device("cpu")
-    model = make_model(spec["arch"], device)
+    impl, task = spec["impl"], spec["task"]
+    if impl not in PROBED[task]:
+        raise ValueError(f"no memory probe for {task} row {impl!r}")
+    model = make_model(spec["arch"], torch.device("cpu"))
     x = torch.rand((spec["batch"], 3, 224, 224))
-    if spec["impl"] == "baseline":
+    # lipsim models come optimized (LipSim.__init__); the unfused rows run without it
+    if impl in ("lipsim plain", "lipsim layer-by-layer"):
+        fast.restore(model)
+    else:
+        fast.optimize(model)
+    amp = impl == "lipsim bf16 autocast"
+    if impl == "baseline":
         net = baseline_like(model)
         del model
-        if spec["task"] == "embed":
-            net.requires_grad_(False)
-            fn = lambda: net.embed(x)  # noqa: E731
-        else:
-            opt = torch.optim.Adam(net.parameters(), lr=1e-5)
+    elif impl == "numpy engine":
+        from lipsim.numpy_engine import NumpyLipSim
+
+        state = {k: v.detach().numpy() for k, v in model.backbone.state_dict().items()}
+        twin = NumpyLipSim(model.config, state, embedding=model.embedding)
+        del model
     else:
-        if spec["impl"] != "lipsim plain":
-            fast.optimize(model)
         net = model.backbone
-        if spec["task"] == "embed":
-            fn = (lambda: model.embed_fast(x)) if spec["impl"] == "lipsim bf16" else (lambda: model.embed(x))
+    if task == "embed":
+        if impl == "baseline":
+            fn = lambda: net.requires_grad_(False).embed(x)  # noqa: E731
+        elif impl == "numpy engine":
+            x_np = x.numpy()
+            fn = lambda: twin.embed(x_np)  # noqa: E731
+        elif impl == "lipsim bf16":
+            fn = lambda: model.embed_fast(x)  # noqa: E731
         else:
-            net.train().requires_grad_(True)
-            opt = torch.optim.Adam(net.parameters(), lr=1e-5)
-    if spec["task"] == "train":
+            fn = lambda: model.embed(x)  # noqa: E731
+    else:
+        net.train().requires_grad_(True)
+        opt = torch.optim.Adam(net.parameters(), lr=1e-5)
 
         def fn():
-            net(x).square().mean().backward()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+                loss = net(x).float().square().mean()
+            loss.backward()
             opt.step()
 
     before = _peak_rss_mib()
-    with torch.no_grad() if spec["task"] == "embed" else torch.enable_grad():
+    with torch.no_grad() if task == "embed" else torch.enable_grad(), exact_float32():
         fn()
     return {"rss_before_mib": before, "rss_peak_mib": _peak_rss_mib()}
 
@@ -561,7 +637,7 @@ def _peak_rss_mib() -> float:
 
 def measure_memory(rows: list, args) -> None:
     for row in rows:
-        if row["arch"] == "dreamsim-shaped" or row["impl"] == "lipsim channels-last":
+        if row["arch"] == "dreamsim-shaped" or row["impl"] not in PROBED[row["task"]]:
             continue
         spec = dict(
             arch=row["arch"], impl=row["impl"], task=row["task"], batch=row["batch"], threads=args.threads
@@ -747,8 +823,10 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: 2 on CPU)")
     p.add_argument("--default-arch", default="s2d-compact", help="the default architecture to compare")
     p.add_argument("--archs", default=None, help="comma-separated architectures (default: small,DEFAULT)")
-    p.add_argument("--batch", type=int, default=None, help="embedding batch (default 16 CPU / 64 GPU)")
-    p.add_argument("--batch-small", type=int, default=None, help="embedding batch of 'small' (default 4 CPU)")
+    p.add_argument("--batch", type=int, default=None, help="embedding batch (default 16 CPU / 256 GPU)")
+    p.add_argument(
+        "--batch-small", type=int, default=None, help="embedding batch of 'small' (default 4 CPU / 256 GPU)"
+    )
     p.add_argument("--train-batch", type=int, default=None, help="training batch (default 8 CPU / 32 GPU)")
     p.add_argument(
         "--train-batch-small", type=int, default=None, help="training batch of 'small' (default 2 CPU)"
@@ -771,6 +849,9 @@ def main() -> int:
         "--compile",
         action="store_true",
         help="also time torch.compile of the default arch (minutes of compiling)",
+    )
+    p.add_argument(
+        "--train-amp", action="store_true", help="also time bf16-autocast training on CPU (always on GPUs)"
     )
     p.add_argument("--dreamsim-on-cpu", action="store_true")
     p.add_argument("--no-numpy", action="store_true", help="skip the NumPy-engine rows (CPU)")
@@ -795,8 +876,8 @@ def main() -> int:
         args.batch_small = args.batch_small or 1
         args.train_batch = args.train_batch or 2
         args.train_batch_small = args.train_batch_small or 1
-    batch = args.batch or (64 if gpu else 16)
-    batch_small = args.batch_small or (64 if gpu else 4)
+    batch = args.batch or (256 if gpu else 16)
+    batch_small = args.batch_small or (256 if gpu else 4)
     train_batch = args.train_batch or (32 if gpu else 8)
     train_batch_small = args.train_batch_small or (16 if gpu else 2)
     archs = args.archs.split(",") if args.archs else ["small", args.default_arch]
@@ -818,16 +899,37 @@ def main() -> int:
     rows: list = []
     cli_rows: list = []
     notes: list = []
+    shown = 0
+
+    def save(partial: bool) -> None:
+        """Each finished section's rows go to stderr and (with --json) to the file at once, so
+        that a run stopped by a time limit keeps what it measured."""
+        nonlocal shown
+        for r in rows[shown:]:
+            print(
+                f"  {r['task']} {r['arch']} {r['impl']} {r['precision']} batch {r['batch']}: "
+                f"{r['img_s']:.4g} img/s ({r['check']})",
+                file=sys.stderr,
+                flush=True,
+            )
+        shown = len(rows)
+        if args.json:
+            doc = {"header": header, "rows": rows, "cli": cli_rows, "notes": notes, "partial": partial}
+            Path(args.json).write_text(json.dumps(doc, indent=1, default=str))
+
     for arch in [] if args.no_embed else archs:
         b = batch_small if arch == "small" else batch
         print(f"[embed] {arch} batch {b} ...", file=sys.stderr, flush=True)
         bench_embedding(arch, b, args, device, rows, notes)
+        save(True)
     if not args.no_train:
         for arch in archs:
             b = train_batch_small if arch == "small" else train_batch
             print(f"[train] {arch} batch {b} ...", file=sys.stderr, flush=True)
             bench_training(arch, b, args, device, rows, notes)
+            save(True)
     bench_dreamsim(batch, args, device, rows, notes)
+    save(True)
     if not gpu and not args.no_memory:
         print("[memory] one subprocess per row ...", file=sys.stderr, flush=True)
         measure_memory(rows, args)
@@ -840,14 +942,13 @@ def main() -> int:
         bench_cli(args, cli_rows, notes)
     if gpu:
         notes.append("CLI timing and peak RSS: CPU runs only")
+    save(True)
+    if args.compile and not args.no_embed:
+        print(f"[compile] {args.default_arch} batch {batch} ...", file=sys.stderr, flush=True)
+        bench_compiled(args.default_arch, batch, args, device, rows, notes)
     header["load after"] = "{:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
+    save(False)
     print_table(rows, cli_rows, notes, header)
-    if args.json:
-        Path(args.json).write_text(
-            json.dumps(
-                {"header": header, "rows": rows, "cli": cli_rows, "notes": notes}, indent=1, default=str
-            )
-        )
     return 0
 
 
