@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 import lipsim
-from lipsim.cli import main, parse_eps_list
+from lipsim.cli import CliError, main, parse_eps_list
 from lipsim.verify import verify_model
 
 
@@ -88,6 +88,9 @@ def test_verify_fails_when_a_layer_is_not_one_lipschitz():
 
 def test_parse_eps_list():
     assert parse_eps_list("36/255, 0.5") == pytest.approx([36 / 255, 0.5])
+    for bad in ("nan", "0.1,nan", "-0.1", "nan/1", ""):
+        with pytest.raises(CliError):
+            parse_eps_list(bad)
 
 
 def test_python_dash_m_entry_point(photos):

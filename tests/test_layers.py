@@ -1,5 +1,6 @@
 """Each 1-Lipschitz layer: its bound checked numerically (exact Jacobians and power iteration)."""
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -15,6 +16,7 @@ from lipsim.layers import (
     ZeroPadFeatures,
     safe_inverse,
     sll_conv_rescaling,
+    sll_linear_rescaling,
 )
 from lipsim.verify import jacobian_spectral_norm
 
@@ -165,6 +167,46 @@ def test_cache_sees_untracked_writes_through_data():
     fresh.load_state_dict(layer.state_dict())
     assert torch.allclose(layer(x), fresh(x), atol=1e-6)
     assert jacobian_spectral_norm(layer, x, iters=30).max() <= 1 + 1e-4
+
+
+def test_cache_sees_permutations_within_a_row_through_data():
+    """A .data write that keeps every row's sum and norm (entries moved within a row) changes
+    WWᵀ: the cached T must not survive it (it made the layer 2-Lipschitz before the fix)."""
+    layer = SLLLinear(8, 2).eval().requires_grad_(False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[1.0, 1, 0, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0, 1, 1]]))
+        layer.bias.fill_(10.0)
+        layer.q.zero_()
+    layer(torch.randn(4, 8))  # caches T = (2, 2): orthogonal rows
+    layer.weight.data[1] = torch.tensor([0.0, 1, 1, 0, 0, 0, 0, 0])  # overlaps row 0 now
+    exact = 2 * safe_inverse(sll_linear_rescaling(layer.weight.double(), layer.q.double()))
+    assert torch.allclose(layer._scale().double(), exact, rtol=1e-6)
+    jac = torch.autograd.functional.jacobian(lambda v: layer(v[None])[0], torch.zeros(8))
+    assert torch.linalg.matrix_norm(jac, 2) <= 1 + 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_rescaling_of_16_bit_parameters_is_computed_in_float32(dtype):
+    """T summed in 16 bits can fall below WWᵀ (bf16 lost 0.36 % on rows like these, enough to
+    break a certified radius end to end): the rescaling upcasts first."""
+    gen = torch.Generator().manual_seed(0)
+    layer = SLLLinear(64, 4)
+    with torch.no_grad():
+        w = torch.zeros(4, 64)
+        for i in range(4):  # disjoint positive rows: WWᵀ diagonal, the SLL bound is tight
+            w[i, 16 * i : 16 * (i + 1)] = torch.rand(16, generator=gen) + 0.2
+        layer.weight.copy_(w)
+        layer.q.zero_()
+    layer = layer.to(dtype).eval().requires_grad_(False)
+    used = layer._scale()
+    assert used.dtype == torch.float32
+    exact = 2 * safe_inverse(sll_linear_rescaling(layer.weight.double(), layer.q.double()))
+    assert (used.double() <= exact * (1 + 1e-6)).all()
+    conv = SLLConv2d(5, 3).to(dtype).eval().requires_grad_(False)
+    k = conv.kernel.double()
+    exact_conv = 2 * safe_inverse(sll_conv_rescaling(k))
+    assert conv._scale().dtype == torch.float32
+    assert (conv._scale().double() <= exact_conv * (1 + 1e-6)).all()
 
 
 def test_shift_is_an_isometry():

@@ -177,6 +177,32 @@ def test_distance_interval_contains_attacked_distances():
         assert (lo <= moved).all() and (moved <= hi).all()
 
 
+@pytest.mark.parametrize("zero", ["x", "y"])
+def test_plain_mode_interval_holds_when_a_feature_vector_is_zero(zero):
+    """Plain mode: f = 0 normalises to g = 0 and d = 1, where d = ½‖g(x) - g(y)‖² fails; with
+    f(y) = 0 every d(x + δ, y) is exactly 1 (the interval used to be [0.49999, 0.50001])."""
+    gen = torch.Generator().manual_seed(0)
+    f = torch.randn(3, 16, generator=gen)
+    fx, fy = (torch.zeros_like(f), f) if zero == "x" else (f, torch.zeros_like(f))
+    for eps in (0.0, 0.1, 1.0):
+        d, lo, hi = certify.interval_from_features(fx, fy, eps, "plain")
+        assert torch.allclose(d, torch.ones(3))
+        assert (lo <= d).all() and (d <= hi).all()
+    if zero == "y":
+        assert (hi - lo <= 3e-5).all()  # d(x + δ, y) = 1 for every δ
+        fx_moved = fx + 0.3 * torch.randn(3, 16, generator=gen)
+        d_moved, _, _ = certify.interval_from_features(fx_moved, fy, 0.0, "plain")
+        assert ((lo <= d_moved) & (d_moved <= hi)).all()
+
+
+@pytest.mark.parametrize("eps", [float("nan"), -0.1])
+def test_nan_or_negative_eps_is_refused(tiny, images, eps):
+    with pytest.raises(ValueError, match="non-negative number"):
+        tiny.distance_with_interval(images[:1], images[1:2], eps)
+    with pytest.raises(ValueError, match="non-negative number"):
+        certify.distance_interval(torch.tensor([0.1]), eps)
+
+
 def test_interval_formula_tight_for_small_distances():
     d = torch.tensor([0.0, 0.005])
     lo, hi = certify.distance_interval(d, 0.1, s=torch.sqrt(2 * d))

@@ -180,6 +180,11 @@ def radius_2afc_plain(d0, d1, g0, g1, ref_norm):
     return _out(radius, _template(d0, d1, g0, g1, ref_norm), "float32")
 
 
+def _check_eps(eps) -> None:
+    if not eps >= 0:  # NaN fails too
+        raise ValueError(f"eps must be a non-negative number, got {eps}")
+
+
 def _distance_interval(d, eps, r, s) -> tuple[np.ndarray, np.ndarray]:
     d64 = np.clip(d, 0.0, 2.0)
     rho = _movement_bound(eps, r)
@@ -201,11 +206,14 @@ def distance_interval(d, eps: float, ref_norm=None, s=None):
     ``‖g(x+δ) - g(y)‖ ∈ [s - ρ, s + ρ]``, so ``d' ∈ [½(s-ρ)₊², ½(s+ρ)²]``; also
     ``|d' - d| = |⟨g(x+δ) - g(x), g(y)⟩| ≤ ρ`` and ``0 ≤ d' ≤ 2``. The intersection is returned.
     For small d this is much tighter than ``d ± ε`` (at d = 0 it is ``[0, ½ε²]``).
+    It assumes unit embeddings g(x), g(y) (always so in append mode; in plain mode unless a
+    feature vector is zero, which :func:`interval_from_features` handles).
 
     Rounding: pass ``s`` computed from the embeddings when available; it is widened by
     :data:`EMBED_SLACK`. Without it, s is derived from d widened by :data:`FLOAT_SLACK`
     (conservative: √ amplifies the error of d near 0).
     """
+    _check_eps(eps)
     r = None if ref_norm is None else _f64(ref_norm)
     lo, hi = _distance_interval(_f64(d), float(eps), r, None if s is None else _f64(s))
     like = _template(d, ref_norm, s)
@@ -222,6 +230,8 @@ def radius_threshold(d, threshold: float, ref_norm=None):
     """
     if ref_norm is not None:
         raise ValueError("threshold radii are implemented for append-mode (1-Lipschitz g) models only")
+    if not 0.0 < threshold < 2.0:  # NaN too
+        raise ValueError(f"the threshold must lie in (0, 2), got {threshold}")
     d64 = np.clip(_f64(d), 0.0, 2.0)
     # rounding in d is absorbed by taking the unfavourable end of [d - slack, d + slack]
     d_lo = np.maximum(d64 - FLOAT_SLACK, 0.0)
@@ -252,14 +262,22 @@ def normalise_features(f, embedding: str):
 def interval_from_features(fx, fy, eps: float, embedding: str):
     """``(d, lo, hi)`` (float32, shape (B,)) from the backbone features of x and y: the distance
     and bounds ``lo ≤ d(x + δ, y) ≤ hi`` for every ‖δ‖₂ ≤ eps (δ on x only)."""
-    if eps < 0:
-        raise ValueError("eps must be non-negative")
+    _check_eps(eps)
     fx64, fy64 = _f64(fx), _f64(fy)
     gx, gy = _normalise(fx64, embedding), _normalise(fy64, embedding)
     d = 1.0 - np.sum(gx * gy, axis=1)
     s = np.linalg.norm(gx - gy, axis=1)
     r = None if embedding == "append" else np.linalg.norm(fx64, axis=1)
     lo, hi = _distance_interval(d, float(eps), r, s)
+    # The bounds above use d = ½s², true for unit g(x), g(y). In plain mode a zero feature
+    # vector normalises to g = 0 (d = 1 whatever the other image); there, only
+    # |d' - d| = |<g(x+δ) - g(x), g(y)>| ≤ ρ·‖g(y)‖ holds (an exact [1, 1] when g(y) = 0).
+    ny = np.linalg.norm(gy, axis=1)
+    degenerate = (np.linalg.norm(gx, axis=1) < 0.5) | (ny < 0.5)
+    if degenerate.any():
+        reach = _movement_bound(float(eps), r) * ny + FLOAT_SLACK
+        lo = np.where(degenerate, np.clip(d - reach, 0.0, 2.0), lo)
+        hi = np.where(degenerate, np.clip(d + reach, 0.0, 2.0), hi)
     like = _template(fx, fy)
     return _out(d, like, "float32"), _out(lo, like, "float32"), _out(hi, like, "float32")
 

@@ -131,8 +131,8 @@ class LipSim(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(d, lo, hi)``: the distance d(x, y) and bounds ``lo ≤ d(x + δ, y) ≤ hi`` for every
         ‖δ‖₂ ≤ eps (δ on x only), from one forward pass."""
-        if eps < 0:
-            raise ValueError("eps must be non-negative")
+        if not eps >= 0:  # NaN too
+            raise ValueError("eps must be a non-negative number")
         if x.shape[0] != y.shape[0]:
             raise ValueError(f"batch sizes {x.shape[0]} and {y.shape[0]} do not match")
         f = self._features_of((x, "x"), (y, "y"))

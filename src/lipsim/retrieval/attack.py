@@ -40,8 +40,8 @@ def pgd_l2(
     x = x.detach()
     shape = (-1, *([1] * (x.dim() - 1)))
     eps_t = torch.as_tensor(eps, dtype=x.dtype, device=x.device).expand(x.shape[0]).reshape(shape)
-    if bool((eps_t < 0).any()):
-        raise ValueError("eps must be non-negative")
+    if not bool((eps_t >= 0).all()):  # NaN too
+        raise ValueError("eps must be a non-negative number")
     alpha = step_size if step_size is not None else 2.5 * eps_t / steps
     gen = torch.Generator(device="cpu").manual_seed(seed)
     with torch.no_grad():

@@ -119,8 +119,8 @@ def find_near_duplicates(
 
     if not 0.0 < threshold < 2.0:
         raise ValueError("the threshold must lie in (0, 2) (distances are 1 - cosine)")
-    if eps < 0:
-        raise ValueError("eps must be non-negative")
+    if not eps >= 0:  # NaN too
+        raise ValueError("eps must be a non-negative number")
     emb = np.ascontiguousarray(embeddings, dtype=np.float32)
     n = emb.shape[0]
     if len(paths) != n:
