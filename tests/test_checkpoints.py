@@ -202,6 +202,69 @@ def test_wrong_shapes_are_refused(tmp_path):
         lipsim.load(path)
 
 
+def _resaved(tmp_path, change):
+    """The tiny model's file with its tensors changed by ``change(tensors)``."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path = tmp_path / "m.safetensors"
+    lipsim.create_model("tiny", seed=0).save(path)
+    with safe_open(str(path), "pt") as fh:
+        meta = fh.metadata()
+        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    change(tensors)
+    save_file(tensors, str(path), metadata=meta)
+    return path
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        # integer, boolean and 8-bit float weights are no model (torch cast them silently)
+        (lambda t: t.update({"linear.1.bias": t["linear.1.bias"].to(torch.int32)}), "dtype int32"),
+        (lambda t: t.update({"linear.1.bias": t["linear.1.bias"] > 0}), "dtype bool"),
+        (lambda t: t.update({"linear.1.q": t["linear.1.q"].to(torch.float8_e4m3fn)}), "dtype float8"),
+        # finite in float64, infinite once in float32, the precision the network runs in
+        (lambda t: t.update({"convs.0.kernel": t["convs.0.kernel"].double() * 1e300}), "NaN or infinite"),
+    ],
+)
+def test_weights_of_unusable_dtypes_or_range_are_refused(tmp_path, change, message):
+    with pytest.raises(CheckpointError, match=message) as info:
+        lipsim.load(_resaved(tmp_path, change))
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda s: s.update({1: s.pop("module.model.convs.0.bias")}), "not a named tensor"),
+        (lambda s: s.update({"module.model.convs.0.bias": 3}), "not a named tensor"),
+        (lambda s: s.update({"module.model.linear.1.weight": torch.ones(4)}), "2-d weight"),
+        (lambda s: s.update({"module.model.convs.0.kernel": torch.ones(2, 0, 3, 3)}), "4-d kernel"),
+        (lambda s: s.update({"module.model.convs.x.kernel": torch.ones(2, 6, 3, 3)}), "do not match"),
+        (lambda s: s.update({"module.model.convs.0.bias": torch.ones(2, dtype=torch.complex64)}), "complex"),
+    ],
+)
+def test_malformed_published_checkpoints_give_one_line_errors(tmp_path, change, message):
+    path = tmp_path / "m.pth"
+    _published_file(lipsim.create_model("tiny", seed=0), path, duplicate=False)
+    obj = torch.load(path, weights_only=True)
+    change(obj["model_state_dict"])
+    torch.save(obj, path)
+    with pytest.raises(CheckpointError, match=message) as info:
+        load_published(path, out_dim=64)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_non_checkpoint_file_is_not_called_malicious(tmp_path):
+    from PIL import Image
+
+    path = tmp_path / "photo.pth"
+    Image.new("RGB", (8, 8)).save(path, format="PNG")
+    with pytest.raises(CheckpointError, match="not a PyTorch checkpoint"):
+        lipsim.load(path)
+
+
 def test_default_model_loads_offline_or_explains_how_to_get_one():
     if default_model_path().exists():
         model = lipsim.load()

@@ -93,6 +93,11 @@ def test_parse_eps_list():
             parse_eps_list(bad)
 
 
+def test_unusable_device_is_a_one_line_error(photos, capsys):
+    assert main(["distance", photos[0], photos[1], "--model", "arch:tiny", "--device", "banana"]) == 1
+    assert "device 'banana' is not usable" in capsys.readouterr().err
+
+
 def test_python_dash_m_entry_point(photos):
     proc = subprocess.run(
         [sys.executable, "-m", "lipsim", "distance", photos[0], photos[0], "--model", "arch:tiny", "--json"],

@@ -203,6 +203,35 @@ def test_nan_or_negative_eps_is_refused(tiny, images, eps):
         certify.distance_interval(torch.tensor([0.1]), eps)
 
 
+def test_non_finite_features_are_an_error_not_a_nan_answer(tiny, images, monkeypatch):
+    from lipsim.errors import LipSimError
+
+    monkeypatch.setattr(tiny.backbone, "forward", lambda x: torch.full((x.shape[0], 64), float("inf")))
+    with pytest.raises(LipSimError, match="non-finite features"):
+        tiny(images[:1], images[1:2])
+    with pytest.raises(ValueError, match="non-finite features"):
+        certify.certificate_from_features(*torch.full((3, 1, 8), float("nan")), "append")
+
+
+def test_bad_argument_types_are_value_errors(tiny, images):
+    with pytest.raises(ValueError, match="image batch tensor"):
+        tiny.certify_2afc(torch.tensor(0.5), images[:1], images[:1])
+    with pytest.raises(ValueError, match="image batch tensor"):
+        tiny.distance_with_interval([images[:1]], images[:1], 0.1)
+    with pytest.raises(ValueError, match="non-negative number"):
+        tiny.distance_with_interval(images[:1], images[:1], "0.1")
+
+
+def test_an_architecture_without_parameters_runs():
+    from lipsim.spec import ArchConfig
+
+    config = ArchConfig("pads", "published", out_dim=4, depth=0, channels=4, depth_linear=0, n_features=8)
+    model = lipsim.LipSim.from_config(config)
+    assert model.device == torch.device("cpu")
+    x = torch.rand(2, 3, 224, 224)
+    assert model(x, x).shape == (2,)
+
+
 def test_interval_formula_tight_for_small_distances():
     d = torch.tensor([0.0, 0.005])
     lo, hi = certify.distance_interval(d, 0.1, s=torch.sqrt(2 * d))

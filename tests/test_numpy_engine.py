@@ -202,7 +202,7 @@ def _ints(state):
         (_nan, None, "NaN or infinite"),
         (_reshape, None, "has shape"),
         (_drop, None, "missing"),
-        (_ints, None, "not a floating-point"),
+        (_ints, None, "weights must be float16"),
         (None, {"format": "other"}, "without lipsim metadata"),
         (None, {"format": "lipsim", "arch": "{not json"}, "bad architecture metadata"),
         (
@@ -392,10 +392,22 @@ def test_hostile_architecture_metadata_is_refused_before_building(tmp_path, arch
 
 def test_huge_but_valid_architecture_is_refused_by_its_missing_weights(tmp_path):
     """A config within bounds whose weights the file does not hold: refused from the shapes,
-    before a (here 5 GB) model is allocated."""
-    cfg = ArchConfig("big", "published", depth=2, channels=1 << 20, depth_linear=1, n_features=8)
+    before a (here 6.6 GB) model is allocated."""
+    cfg = ArchConfig("big", "published", depth=2, channels=4096, depth_linear=1, n_features=2048)
     path = tmp_path / "big.safetensors"
     _save_tiny(path, metadata={"format": "lipsim", "arch": cfg.to_json(), "embedding": "append"})
     for loader in (NumpyLipSim.load, lipsim.load):
         with pytest.raises(CheckpointError, match="do not match"):
+            loader(path)
+
+
+def test_architecture_needing_absurd_activations_is_refused(tmp_path):
+    """A published-family file with no convolutions pads the input to ``channels`` without any
+    weight to show for it: 2^24 channels made a 280-byte file ask for 34 GB per forward."""
+    raw = ArchConfig("bomb", "published", depth=0, channels=4, input_size=16, depth_linear=0, n_features=8)
+    arch = raw.to_json().replace('"channels": 4', f'"channels": {1 << 24}')
+    path = tmp_path / "bomb.safetensors"
+    _save_tiny(path, metadata={"format": "lipsim", "arch": arch, "embedding": "append"})
+    for loader in (NumpyLipSim.load, lipsim.load):
+        with pytest.raises(CheckpointError, match="activations per image"):
             loader(path)

@@ -42,6 +42,7 @@ __all__ = [
     "distance_interval",
     "radius_threshold",
     "normalise_features",
+    "check_eps",
     "interval_from_features",
     "certificate_from_features",
 ]
@@ -180,9 +181,23 @@ def radius_2afc_plain(d0, d1, g0, g1, ref_norm):
     return _out(radius, _template(d0, d1, g0, g1, ref_norm), "float32")
 
 
-def _check_eps(eps) -> None:
-    if not eps >= 0:  # NaN fails too
-        raise ValueError(f"eps must be a non-negative number, got {eps}")
+def check_eps(eps) -> float:
+    """``eps`` as a float; ValueError unless it is a non-negative real number (NaN included)."""
+    try:
+        value = math.nan if isinstance(eps, (str, bytes)) else float(eps)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not value >= 0:
+        raise ValueError(f"eps must be a non-negative number, got {eps!r}")
+    return value
+
+
+def _finite_features(*arrays: np.ndarray) -> None:
+    for a in arrays:
+        if not np.isfinite(a).all():
+            raise ValueError(
+                "the model produced non-finite features (NaN or inf): its weights overflow float32"
+            )
 
 
 def _distance_interval(d, eps, r, s) -> tuple[np.ndarray, np.ndarray]:
@@ -213,9 +228,9 @@ def distance_interval(d, eps: float, ref_norm=None, s=None):
     :data:`EMBED_SLACK`. Without it, s is derived from d widened by :data:`FLOAT_SLACK`
     (conservative: √ amplifies the error of d near 0).
     """
-    _check_eps(eps)
+    eps = check_eps(eps)
     r = None if ref_norm is None else _f64(ref_norm)
-    lo, hi = _distance_interval(_f64(d), float(eps), r, None if s is None else _f64(s))
+    lo, hi = _distance_interval(_f64(d), eps, r, None if s is None else _f64(s))
     like = _template(d, ref_norm, s)
     return _out(lo, like, "float32"), _out(hi, like, "float32")
 
@@ -256,37 +271,42 @@ def _normalise(f: np.ndarray, embedding: str) -> np.ndarray:
 
 def normalise_features(f, embedding: str):
     """Unit-norm embeddings g (float64) from backbone features f (B, k)."""
-    return _out(_normalise(_f64(f), embedding), _template(f), "float64")
+    f64 = _f64(f)
+    _finite_features(f64)
+    return _out(_normalise(f64, embedding), _template(f), "float64")
 
 
 def interval_from_features(fx, fy, eps: float, embedding: str):
     """``(d, lo, hi)`` (float32, shape (B,)) from the backbone features of x and y: the distance
     and bounds ``lo ≤ d(x + δ, y) ≤ hi`` for every ‖δ‖₂ ≤ eps (δ on x only)."""
-    _check_eps(eps)
+    eps = check_eps(eps)
     fx64, fy64 = _f64(fx), _f64(fy)
+    _finite_features(fx64, fy64)
     gx, gy = _normalise(fx64, embedding), _normalise(fy64, embedding)
     d = 1.0 - np.sum(gx * gy, axis=1)
     s = np.linalg.norm(gx - gy, axis=1)
     r = None if embedding == "append" else np.linalg.norm(fx64, axis=1)
-    lo, hi = _distance_interval(d, float(eps), r, s)
+    lo, hi = _distance_interval(d, eps, r, s)
     # The bounds above use d = ½s², true for unit g(x), g(y). In plain mode a zero feature
     # vector normalises to g = 0 (d = 1 whatever the other image); there, only
     # |d' - d| = |<g(x+δ) - g(x), g(y)>| ≤ ρ·‖g(y)‖ holds (an exact [1, 1] when g(y) = 0).
     ny = np.linalg.norm(gy, axis=1)
     degenerate = (np.linalg.norm(gx, axis=1) < 0.5) | (ny < 0.5)
     if degenerate.any():
-        reach = _movement_bound(float(eps), r) * ny + FLOAT_SLACK
+        reach = _movement_bound(eps, r) * ny + FLOAT_SLACK
         lo = np.where(degenerate, np.clip(d - reach, 0.0, 2.0), lo)
         hi = np.where(degenerate, np.clip(d + reach, 0.0, 2.0), hi)
     like = _template(fx, fy)
+    d = np.clip(d, 0.0, 2.0)  # rounding can leave [0, 2] by an ulp
     return _out(d, like, "float32"), _out(lo, like, "float32"), _out(hi, like, "float32")
 
 
 def certificate_from_features(f_ref, f0, f1, embedding: str) -> Certificate2AFC:
     """Which of x0, x1 is closer to the reference, and the certified radius around the reference,
     from the backbone features of the three batches."""
-    f_ref64 = _f64(f_ref)
-    g_ref, g0, g1 = (_normalise(f, embedding) for f in (f_ref64, _f64(f0), _f64(f1)))
+    f_ref64, f0_64, f1_64 = _f64(f_ref), _f64(f0), _f64(f1)
+    _finite_features(f_ref64, f0_64, f1_64)
+    g_ref, g0, g1 = (_normalise(f, embedding) for f in (f_ref64, f0_64, f1_64))
     d0 = 1.0 - np.sum(g_ref * g0, axis=1)
     d1 = 1.0 - np.sum(g_ref * g1, axis=1)
     gap = d1 - d0
@@ -299,7 +319,7 @@ def certificate_from_features(f_ref, f0, f1, embedding: str) -> Certificate2AFC:
     like = _template(f_ref, f0, f1)
     return Certificate2AFC(
         closer=_out(closer, like, "int64"),
-        d0=_out(d0, like, "float32"),
-        d1=_out(d1, like, "float32"),
+        d0=_out(np.clip(d0, 0.0, 2.0), like, "float32"),
+        d1=_out(np.clip(d1, 0.0, 2.0), like, "float32"),
         radius=_out(radius, like, "float32"),
     )

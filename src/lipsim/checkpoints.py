@@ -24,7 +24,7 @@ from .errors import CheckpointError
 from .fileio import atomic_write
 from .model import LipSim
 from .modelfiles import default_model_path, is_safetensors, resolve_model_path
-from .spec import FORMAT, FORMAT_VERSION, check_state, config_from_metadata
+from .spec import FORMAT, FORMAT_VERSION, check_dtype, check_state, config_from_metadata
 
 __all__ = ["load", "save_model", "load_published", "default_model_path", "PUBLISHED_OUT_DIM"]
 
@@ -68,7 +68,7 @@ def _build_checked(config: ArchConfig, embedding: str, state: dict, path) -> Lip
     for key, value in state.items():
         if not isinstance(value, torch.Tensor):
             raise CheckpointError(f"{path}: entry {key!r} is not a tensor")
-    check_state(state, config, path, lambda t: bool(torch.isfinite(t).all()))
+    check_state(state, config, path, lambda t: bool(torch.isfinite(t.float()).all()))
     model = LipSim(build_backbone(config), embedding=embedding)
     model.backbone.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
     return model
@@ -99,27 +99,37 @@ def normalise_published_keys(state: dict) -> dict:
     return out
 
 
-def _published_config(state: dict, out_dim: int) -> ArchConfig:
-    conv_idx = sorted(
-        {int(k.split(".")[1]) for k in state if k.startswith("convs.") and k.endswith(".kernel")}
-    )
-    lin_idx = sorted(
-        {int(k.split(".")[1]) for k in state if k.startswith("linear.") and k.endswith(".weight")}
-    )
+_LAYER_KEY = re.compile(r"^(convs|linear)\.(\d{1,6})\.(kernel|weight)$")
+
+
+def _published_config(state: dict, out_dim: int, path) -> ArchConfig:
+    idx: dict[str, set[int]] = {"convs": set(), "linear": set()}
+    for key in state:
+        m = _LAYER_KEY.match(key)
+        if m and (m.group(1) == "convs") == (m.group(3) == "kernel"):
+            idx[m.group(1)].add(int(m.group(2)))
+    conv_idx, lin_idx = sorted(idx["convs"]), sorted(idx["linear"])
     if not conv_idx or not lin_idx:
-        raise CheckpointError("no SLL convolution/linear weights found (not a LipSim checkpoint?)")
+        raise CheckpointError(f"{path}: no SLL convolution/linear weights found (not a LipSim checkpoint?)")
     if conv_idx != list(range(len(conv_idx))) or lin_idx != list(range(1, len(lin_idx) + 1)):
-        raise CheckpointError("layer indices are not contiguous (not a LipSim checkpoint?)")
+        raise CheckpointError(f"{path}: layer indices are not contiguous (not a LipSim checkpoint?)")
     kernel = state[f"convs.{conv_idx[0]}.kernel"]
     weight = state[f"linear.{lin_idx[0]}.weight"]
+    if kernel.dim() != 4 or weight.dim() != 2 or 0 in kernel.shape or 0 in weight.shape:
+        raise CheckpointError(
+            f"{path}: convs.0.kernel {tuple(kernel.shape)} / linear.1.weight {tuple(weight.shape)} "
+            "are not a 4-d kernel and a 2-d weight (not a LipSim checkpoint?)"
+        )
     conv_size, channels = int(kernel.shape[0]), int(kernel.shape[1])
     n_features, flat = int(weight.shape[0]), int(weight.shape[1])
     side2 = flat // channels
     side = int(round(side2**0.5))
     if side * side * channels != flat:
-        raise CheckpointError(f"linear input size {flat} does not match {channels} channels")
+        raise CheckpointError(f"{path}: linear input size {flat} does not match {channels} channels")
     if out_dim > flat:
-        raise CheckpointError(f"out_dim {out_dim} exceeds the network's {flat} features (pass out_dim=...)")
+        raise CheckpointError(
+            f"{path}: out_dim {out_dim} exceeds the network's {flat} features (pass out_dim=...)"
+        )
     fields = dict(
         family="published",
         out_dim=out_dim,
@@ -137,7 +147,7 @@ def _published_config(state: dict, out_dim: int) -> ArchConfig:
     try:
         return ArchConfig(name="published-custom", **fields)
     except ValueError as exc:
-        raise CheckpointError(f"not a usable LipSim checkpoint ({exc})") from None
+        raise CheckpointError(f"{path}: not a usable LipSim checkpoint ({exc})") from None
 
 
 def load_published(path, out_dim: int = PUBLISHED_OUT_DIM, embedding: str = "plain", device="cpu") -> LipSim:
@@ -151,13 +161,20 @@ def load_published(path, out_dim: int = PUBLISHED_OUT_DIM, embedding: str = "pla
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        detail = [line for line in lines if "GLOBAL" in line]  # a class or function to import
+        detail = detail or lines[-2:-1] or lines[:1] or [""]
+        with open(path, "rb") as fh:
+            pickled = fh.read(1) == b"\x80"  # a raw pickle (PROTO opcode), not an image or a text
+        if not (pickled or "GLOBAL" in detail[0]):
+            raise CheckpointError(f"{path}: not a PyTorch checkpoint ({detail[0][:120]})") from None
         raise CheckpointError(
             f"{path}: refused: the file holds Python objects that weights-only loading will not "
-            f"execute (it could run code); lipsim never unpickles untrusted files [{first[:120]}]"
+            f"execute (it could run code); lipsim never unpickles untrusted files [{detail[0][:120]}]"
         ) from None
     except Exception as exc:  # any failure to parse a user file is a one-line error
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        msg = f"{type(exc).__name__}: {msg}" if len(msg) < 20 else msg
         if "weights_only" in str(exc) or "Weights only" in str(exc):
             raise CheckpointError(
                 f"{path}: refused: the file needs full unpickling, which could run code; "
@@ -172,8 +189,17 @@ def load_published(path, out_dim: int = PUBLISHED_OUT_DIM, embedding: str = "pla
         raise CheckpointError(f"{path}: no model_state_dict in checkpoint")
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: model_state_dict is not a dict")
-    state = normalise_published_keys(state)
-    config = _published_config(state, out_dim)
+    for key, value in state.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            raise CheckpointError(f"{path}: entry {key!r} is not a named tensor (not a LipSim checkpoint?)")
+        check_dtype(key, value.dtype, path)
+        if value.layout != torch.strided:
+            raise CheckpointError(f"{path}: {key} is a {value.layout} tensor; weights must be dense")
+    try:
+        state = normalise_published_keys(state)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
+    config = _published_config(state, out_dim, path)
     return _finish(_build_checked(config, embedding, state, path), device)
 
 

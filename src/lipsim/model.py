@@ -20,6 +20,7 @@ from torch import nn
 
 from . import certify
 from .archs import ArchConfig, LipschitzBackbone, build_backbone
+from .errors import LipSimError
 from .images import check_images
 from .layers import _ieee_float32
 from .spec import EMBEDDINGS
@@ -37,6 +38,17 @@ def exact_float32() -> Iterator[None]:
                 yield
         else:
             yield
+
+
+def _batch(x, name: str) -> int:
+    """Batch size of an image batch argument (its full check happens before the forward)."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        raise ValueError(f"{name} must be an image batch tensor (B, 3, H, W), got {_describe(x)}")
+    return x.shape[0]
+
+
+def _describe(x) -> str:
+    return f"a tensor of shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
 
 
 class LipSim(nn.Module):
@@ -76,7 +88,11 @@ class LipSim(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return next(self.parameters()).device
+        for t in self.parameters():
+            return t.device
+        for t in self.buffers():
+            return t.device
+        return torch.device("cpu")  # a parameter-free architecture (pads, pools and reshapes only)
 
     def extra_repr(self) -> str:
         return f"arch={self.arch!r}, embedding={self.embedding!r}"
@@ -88,7 +104,12 @@ class LipSim(nn.Module):
             check_images(x, name, size=self.input_size)
         x = torch.cat([x.to(device=self.device, dtype=torch.float32) for x, _ in named])
         with exact_float32():
-            return self.backbone(x).float()
+            f = self.backbone(x).float()
+        if not bool(torch.isfinite(f).all()):
+            raise LipSimError(
+                "the model produced non-finite features (NaN or inf): its weights overflow float32"
+            )
+        return f
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """The backbone output f(x), (B, k), float32; 1-Lipschitz in x."""
@@ -112,7 +133,7 @@ class LipSim(nn.Module):
         gx, gy = self._embed_many(x, y, names=("x", "y"))
         if gx.shape[0] != gy.shape[0] and 1 not in (gx.shape[0], gy.shape[0]):
             raise ValueError(f"batch sizes {gx.shape[0]} and {gy.shape[0]} do not match")
-        return 1.0 - (gx * gy).sum(dim=1)
+        return (1.0 - (gx * gy).sum(dim=1)).clamp(0.0, 2.0)  # rounding can leave [0, 2] by an ulp
 
     distance = forward
 
@@ -120,7 +141,7 @@ class LipSim(nn.Module):
     @torch.no_grad()
     def certify_2afc(self, ref: torch.Tensor, x0: torch.Tensor, x1: torch.Tensor) -> certify.Certificate2AFC:
         """Which of x0, x1 is closer to ref, and the ℓ2 radius around ref within which that holds."""
-        if not (ref.shape[0] == x0.shape[0] == x1.shape[0]):
+        if not (_batch(ref, "ref") == _batch(x0, "x0") == _batch(x1, "x1")):
             raise ValueError("ref, x0 and x1 must have the same batch size")
         f = self._features_of((ref, "ref"), (x0, "x0"), (x1, "x1"))
         return certify.certificate_from_features(*torch.chunk(f, 3), self.embedding)
@@ -131,9 +152,8 @@ class LipSim(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(d, lo, hi)``: the distance d(x, y) and bounds ``lo ≤ d(x + δ, y) ≤ hi`` for every
         ‖δ‖₂ ≤ eps (δ on x only), from one forward pass."""
-        if not eps >= 0:  # NaN too
-            raise ValueError("eps must be a non-negative number")
-        if x.shape[0] != y.shape[0]:
+        eps = certify.check_eps(eps)
+        if _batch(x, "x") != _batch(y, "y"):
             raise ValueError(f"batch sizes {x.shape[0]} and {y.shape[0]} do not match")
         f = self._features_of((x, "x"), (y, "y"))
         return certify.interval_from_features(*torch.chunk(f, 2), eps, self.embedding)

@@ -29,7 +29,15 @@ from . import certify
 from .errors import CheckpointError
 from .images import check_image_array
 from .modelfiles import is_safetensors, resolve_model_path
-from .spec import ArchConfig, LayerSpec, check_state, config_from_metadata, flat_layers, layer_plan
+from .spec import (
+    ArchConfig,
+    LayerSpec,
+    check_dtype,
+    check_state,
+    config_from_metadata,
+    flat_layers,
+    layer_plan,
+)
 
 __all__ = ["NumpyLipSim", "supported"]
 
@@ -186,11 +194,21 @@ def _layer(spec: LayerSpec, params: dict[str, np.ndarray]):
 
 def supported(source) -> bool:
     """Whether ``source`` (a path, None or "default") is a file this engine can run: one of our
-    safetensors model files (published ``.pth`` checkpoints need torch)."""
+    safetensors model files without bfloat16 weights (published ``.pth`` checkpoints and bf16
+    weights need torch)."""
     try:
-        return is_safetensors(resolve_model_path(source))
+        path = resolve_model_path(source)
+        if not is_safetensors(path):
+            return False
     except (CheckpointError, OSError):
         return False
+    try:  # bfloat16 weights need torch; anything unreadable is left to load() to explain
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="numpy") as fh:
+            return all(fh.get_slice(k).get_dtype() != "BF16" for k in fh.keys())
+    except Exception:
+        return True
 
 
 class NumpyLipSim:
@@ -199,8 +217,11 @@ class NumpyLipSim:
     Same answers as :class:`lipsim.LipSim` for the same weights; see the module docstring.
     """
 
-    def __init__(self, config: ArchConfig, state: dict[str, np.ndarray], embedding: str = "append"):
-        check_state(state, config, config.name, lambda a: bool(np.isfinite(a).all()))
+    def __init__(
+        self, config: ArchConfig, state: dict[str, np.ndarray], embedding: str = "append", source=None
+    ):
+        finite = lambda a: bool(np.isfinite(np.asarray(a, dtype=_F32)).all())  # noqa: E731
+        check_state(state, config, source or config.name, finite)
         self.config = config
         self.embedding = embedding
         self._layers = []
@@ -219,13 +240,17 @@ class NumpyLipSim:
             with safe_open(str(path), framework="numpy") as fh:
                 meta = fh.metadata() or {}
                 config, mode = config_from_metadata(meta, path, embedding)
+                for key in fh.keys():  # from the header, before NumPy meets a dtype it lacks
+                    dtype = fh.get_slice(key).get_dtype()
+                    check_dtype(key, dtype, path)
+                    if dtype == "BF16":
+                        raise CheckpointError(
+                            f"{path}: {key} is bfloat16, which NumPy cannot hold; use --engine torch"
+                        )
                 state = {k: fh.get_tensor(k) for k in fh.keys()}
         except (SafetensorError, OSError, TypeError) as exc:
             raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
-        for key, value in state.items():
-            if not np.issubdtype(value.dtype, np.floating):
-                raise CheckpointError(f"{path}: {key} is not a floating-point tensor ({value.dtype})")
-        return cls(config, state, embedding=mode)
+        return cls(config, state, embedding=mode, source=path)
 
     # -- description ----------------------------------------------------------------------------
     @property

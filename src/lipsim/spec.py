@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from collections.abc import Callable
 
 from .errors import CheckpointError
@@ -32,6 +31,8 @@ __all__ = [
     "FAMILIES",
     "SLL_KERNEL_SIZE",
     "register",
+    "check_dtype",
+    "FLOAT_DTYPES",
     "get_config",
     "list_archs",
     "layer_plan",
@@ -56,6 +57,13 @@ SLL_KERNEL_SIZE = 3
 _MAX_LAYERS = 10_000
 _MAX_WIDTH = 1 << 24
 _MAX_STAGES = 16
+#: activation elements per image a configuration may need before any weight is involved (the
+#: published family pads the input to ``channels``): 2^28 floats = 1 GiB
+_MAX_ACTIVATION = 1 << 28
+#: the input is in [0, 1]: a larger centre only throws float32 precision away
+_MAX_CENTER = 16.0
+#: floating dtypes a model file may hold: safetensors header names and their array/tensor names
+FLOAT_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
 #: (field, smallest, largest) for the integer fields of ArchConfig
 _INT_BOUNDS = (
     ("out_dim", 1, _MAX_WIDTH),
@@ -115,8 +123,16 @@ class ArchConfig:
                 or not 1 <= stage[1] <= _MAX_WIDTH
             ):
                 raise ValueError(f"bad stage {stage!r}: expected (n_convs, inner width) integers")
-        if type(self.center) not in (int, float) or not math.isfinite(self.center):
-            raise ValueError(f"center must be a finite number, got {self.center!r}")
+        if type(self.center) not in (int, float) or not abs(self.center) <= _MAX_CENTER:
+            raise ValueError(
+                f"center must be a number in [-{_MAX_CENTER:g}, {_MAX_CENTER:g}], got {self.center!r}"
+            )
+        width = max(self.channels, 3) if self.family == "published" else 3
+        if width * self.input_size**2 > _MAX_ACTIVATION:
+            raise ValueError(
+                f"{width} channels at {self.input_size}x{self.input_size} exceed {_MAX_ACTIVATION} "
+                "activations per image"
+            )
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -266,22 +282,34 @@ def config_from_metadata(meta: dict | None, path, embedding: str | None = None) 
     meta = meta or {}
     if meta.get("format") != FORMAT or "arch" not in meta:
         raise CheckpointError(f"{path}: safetensors file without lipsim metadata (format/arch)")
+    if not isinstance(meta["arch"], str) or len(meta["arch"]) > 100_000:
+        raise CheckpointError(f"{path}: bad architecture metadata (not a JSON text of at most 100 kB)")
     try:
         config = ArchConfig.from_json(meta["arch"])
         layer_plan(config)  # sizes must be consistent
-    except (ValueError, TypeError) as exc:
-        raise CheckpointError(f"{path}: bad architecture metadata ({exc})") from None
+    except (ValueError, TypeError, RecursionError) as exc:
+        raise CheckpointError(f"{path}: bad architecture metadata ({str(exc)[:200]})") from None
     mode = embedding or meta.get("embedding", "append")
     if mode not in EMBEDDINGS:
         raise CheckpointError(f"{path}: unknown embedding mode {mode!r}")
     return config, mode
 
 
+def check_dtype(key: str, dtype, path) -> None:
+    """Refuses a weight whose dtype (a torch or NumPy dtype, or a safetensors header name such as
+    "F32") is not a float type: integer, boolean, complex or 8-bit float weights are no model."""
+    name = str(dtype).removeprefix("torch.")
+    if name not in FLOAT_DTYPES and name not in FLOAT_DTYPES.values():
+        raise CheckpointError(
+            f"{path}: {key} has dtype {name}; weights must be float16, bfloat16, float32 or float64"
+        )
+
+
 def check_state(state: dict, config: ArchConfig, path, is_finite: Callable[[object], bool]) -> None:
-    """Refuses weights whose keys or shapes differ from ``config``'s or that hold NaN/inf.
+    """Refuses weights whose keys, shapes or dtypes differ from ``config``'s or that hold NaN/inf.
 
     ``state`` maps keys to arrays or tensors; ``is_finite(value)`` says whether all entries are
-    finite (the caller's framework)."""
+    finite once in float32, the precision the network runs in (the caller's framework)."""
     expected = expected_state(config)
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -295,6 +323,7 @@ def check_state(state: dict, config: ArchConfig, path, is_finite: Callable[[obje
         shape = getattr(value, "shape", None)
         if shape is None:
             raise CheckpointError(f"{path}: entry {key!r} is not a tensor")
+        check_dtype(key, getattr(value, "dtype", None), path)
         if tuple(shape) != expected[key]:
             raise CheckpointError(f"{path}: {key} has shape {tuple(shape)}, expected {expected[key]}")
         if not is_finite(value):

@@ -44,6 +44,17 @@ def add_model_args(parser: argparse.ArgumentParser, json_flag: bool = True) -> N
         parser.add_argument("--json", action="store_true", help="machine-readable output on stdout")
 
 
+def check_device(device: str) -> None:
+    """A one-line error for a device this machine does not have (before any work starts)."""
+    import torch
+
+    try:
+        torch.empty(0, device=torch.device(device))
+    except (RuntimeError, AssertionError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__
+        raise CliError(f"device {device!r} is not usable here ({first})") from None
+
+
 def resolve_model(source: str | None, device: str = "cpu"):
     """Loads ``--model``: a file, 'default'/None, or 'arch:NAME' (random weights, flagged)."""
     import lipsim
@@ -103,7 +114,7 @@ def model_label(source: str | None) -> str:
 
 def emit(args, payload: dict, text: str) -> None:
     if getattr(args, "json", False):
-        print(json.dumps(payload, indent=None, default=float))
+        print(json.dumps(payload, indent=None, default=float, allow_nan=False))
     else:
         print(text)
 
@@ -161,9 +172,11 @@ def main(argv: list[str] | None = None) -> int:
     from lipsim.errors import LipSimError
 
     try:
+        if getattr(args, "device", "cpu") != "cpu":
+            check_device(args.device)
         result = args.func(args)
         return int(result or 0)
-    except (CliError, LipSimError, ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as exc:
+    except (CliError, LipSimError, ValueError, OSError) as exc:
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         print(f"lipsim {args.command}: error: {msg}", file=sys.stderr)
         return 1
