@@ -29,6 +29,7 @@ from lipsim.model import LipSim
 from lipsim.retrieval import (
     Index,
     IndexFormatError,
+    ModelIdentity,
     ModelMismatchError,
     find_near_duplicates,
     index_folder,
@@ -37,6 +38,7 @@ from lipsim.retrieval import (
     top1_radius,
 )
 from lipsim.retrieval import build as build_mod
+from lipsim.retrieval import index as index_mod
 from lipsim.retrieval.attack import attack_threshold, attack_top1
 
 NPIX = 16
@@ -331,10 +333,14 @@ def test_approximate_index_is_not_certified_unless_reranked(tmp_path):
     for r_a, r_e in zip(approx.search(queries, k=5, exact=True), exact.search(queries, k=5), strict=True):
         assert r_a.scope == r_e.scope == "gallery" and r_a.certified_radius == r_e.certified_radius
     approx.save(tmp_path / "h")
-    assert (tmp_path / "h" / "hnsw.faiss").exists()
+    assert len(list((tmp_path / "h").glob("hnsw-*.faiss"))) == 1
     again = Index.load(tmp_path / "h")
     assert again.approximate == "hnsw"
     assert [r.paths for r in again.search(queries, k=5)] == [r.paths for r in approx.search(queries, k=5)]
+    grown = Index.load(tmp_path / "h")  # the stored graph, extended, saved and read back
+    grown.add(unit(rng.normal(size=(300, 32))), [f"more-{i}" for i in range(300)])
+    grown.save(tmp_path / "h")
+    assert len(Index.load(tmp_path / "h").search(queries, k=5)[0].paths) == 5
 
 
 def test_add_and_search_validate_their_inputs():
@@ -483,3 +489,284 @@ def test_radius_threshold_plain_mode_is_sound_for_the_movement_bound():
             rho = float(certify.movement_bound(r * 0.999, torch.tensor([norm], dtype=torch.float64)))
             assert rho < m  # the embedding cannot move far enough to cross T
     assert np.all(radii <= margins + 1e-12)
+
+
+# -- damaged, tampered and half-written indexes -------------------------------------------------
+def _saved_index(tmp_path, n=4, dim=8, **kwargs):
+    identity = ModelIdentity(arch="tiny", embedding="append", weights_sha256="0" * 64, dim=dim)
+    index = Index(dim=dim, identity=identity, **kwargs)
+    index.add(
+        unit(np.random.default_rng(0).normal(size=(n, dim))), [f"i{k}" for k in range(n)], norms=np.ones(n)
+    )
+    index.info.update(root="/r", skipped=[["bad.png", "unreadable"]], model_source="arch:tiny")
+    return index.save(tmp_path / "idx")
+
+
+def _data(idx, name):
+    """The data file ``name`` of the index's current generation."""
+    meta = json.loads((idx / "meta.json").read_text())
+    suffix = {"embeddings": ".npy", "norms": ".npy", "paths": ".json", "hnsw": ".faiss"}[name]
+    return idx / (f"{name}-{meta['generation']}{suffix}" if "generation" in meta else f"{name}{suffix}")
+
+
+def _edit_meta(idx, change):
+    meta = json.loads((idx / "meta.json").read_text())
+    change(meta)
+    (idx / "meta.json").write_text(json.dumps(meta))
+
+
+def _refused(idx, search=False):
+    with pytest.raises(IndexFormatError) as exc:
+        index = Index.load(idx)
+        if search:
+            index.search(unit(np.ones((1, index.dim))), k=1)
+    assert str(idx) in str(exc.value) and "\n" not in str(exc.value)
+    return str(exc.value)
+
+
+def _set_rows(rows, values=None, scale=1.0):
+    def change(idx):
+        emb = np.load(_data(idx, "embeddings")) * np.float32(scale)
+        if values is not None:
+            emb[rows] = values
+        np.save(_data(idx, "embeddings"), emb)
+
+    return change
+
+
+@pytest.mark.parametrize(
+    "tamper",
+    [
+        _set_rows(slice(None), scale=10.0),
+        _set_rows(1, np.inf),
+        _set_rows(2, np.nan),
+        _set_rows(0, 0.0),
+        lambda idx: np.save(_data(idx, "norms"), -np.ones(4, np.float32)),
+        lambda idx: np.save(_data(idx, "norms"), np.array([1, np.inf, 1, 1], np.float32)),
+    ],
+    ids=["x10", "inf-row", "nan-row", "zero-row", "negative-norms", "inf-norm"],
+)
+def test_load_refuses_embeddings_that_are_not_finite_unit_rows(tmp_path, tamper):
+    idx = _saved_index(tmp_path)
+    tamper(idx)
+    assert "finite" in _refused(idx)
+
+
+def test_unknown_norms_still_load_and_dedup_checks_its_input(tmp_path):
+    index = Index(dim=8)  # no norms given: stored as NaN (unknown), which is not damage
+    index.add(unit(np.eye(8)[:3] + 0.1))
+    assert np.isnan(Index.load(index.save(tmp_path / "idx")).norms).all()
+    with pytest.raises(ValueError, match="unit norm"):
+        find_near_duplicates(np.eye(3) * 2, ["a", "b", "c"], threshold=0.1)
+    with pytest.raises(ValueError, match="unit norm"):
+        find_near_duplicates(np.full((2, 3), np.nan), ["a", "b"], threshold=0.1)
+
+
+def test_hnsw_settings_are_validated(tmp_path):
+    for bad in (dict(hnsw_m=0), dict(hnsw_m=1), dict(hnsw_m=-5), dict(hnsw_m=2.5), dict(hnsw_m=True)):
+        with pytest.raises(ValueError, match="HNSW M"):
+            Index(dim=4, approximate="hnsw", **bad)
+    for bad in (dict(ef_search=0), dict(ef_construction=-1), dict(ef_search=1 << 40), dict(ef_search="8")):
+        with pytest.raises(ValueError, match="HNSW ef_"):
+            Index(dim=4, approximate="hnsw", **bad)
+    idx = _saved_index(tmp_path, approximate="hnsw", hnsw_m=4)
+    for approx in ({"kind": "hnsw", "M": 0}, {"kind": "hnsw", "M": -5}, {"kind": "hnsw", "ef_search": -1}):
+        _edit_meta(idx, lambda m, a=approx: m.update(approximate=a))
+        assert "HNSW" in _refused(idx)  # never reaches FAISS, which aborts on M = 0
+
+
+def _replace_header(idx):
+    file = _data(idx, "embeddings")
+    file.write_bytes(file.read_bytes().replace(b"(4, 8)", b"(99999", 1))
+
+
+def _deep(idx):
+    (idx / "meta.json").write_text('{"format": "lipsim-index", "x": ' + "[" * 100000 + "]" * 100000 + "}")
+
+
+@pytest.mark.parametrize(
+    "tamper",
+    [
+        lambda m: m.update(approximate="hnsw"),
+        lambda m: m.update(approximate={}),
+        lambda m: m.update(approximate={"kind": "ivf"}),
+        lambda m: m.update(dim=None),
+        lambda m: m.update(count="x"),
+        lambda m: m.update(count=4.0),
+        lambda m: m.update(format_version=[1]),
+        lambda m: m.pop("format_version"),
+        lambda m: m.update(generation="../../etc/x"),
+        lambda m: m.update(info=5),
+        lambda m: m.update(info="abc"),
+        lambda m: m.update(model=[1]),
+        lambda m: m.update(model={"arch": "tiny"}),
+        lambda m: m["model"].update(embedding="Plain"),  # would pick the append-mode certificate
+        lambda m: m["model"].update(dim=9),
+        lambda m: m["info"].update(model_source=5),
+        lambda m: m["info"].update(root=["x"]),
+        lambda m: m["info"].update(skipped=5),
+        lambda m: m["info"].update(skipped=[["a", "b", "c"]]),
+        _deep,
+        _replace_header,
+        lambda idx: _data(idx, "paths").write_text(json.dumps([[k] for k in range(4)])),
+        lambda idx: _data(idx, "paths").write_text("[" * 100000 + "]" * 100000),
+        lambda idx: np.save(_data(idx, "norms"), np.array(["a"] * 4)),
+    ],
+    ids=(
+        "approx-str approx-empty approx-ivf dim-null count-str count-float version-list version-missing "
+        "generation-escape info-int info-str model-list model-keys model-embedding model-dim "
+        "model-source-int root-list skipped-int skipped-triple deep-json npy-header paths-nested "
+        "paths-deep norms-str"
+    ).split(),
+)
+def test_load_validates_every_field_and_file(tmp_path, tamper):
+    idx = _saved_index(tmp_path)
+    if tamper.__code__.co_varnames[:1] == ("m",):
+        _edit_meta(idx, tamper)
+    else:
+        tamper(idx)
+    _refused(idx)
+
+
+@pytest.mark.parametrize("graph", ["garbage", "empty", "directory", "flat", "links"])
+def test_a_damaged_hnsw_graph_is_an_index_format_error(tmp_path, graph):
+    import faiss
+
+    idx = _saved_index(tmp_path, approximate="hnsw", hnsw_m=4)
+    file = _data(idx, "hnsw")
+    stored = faiss.read_index(str(file))
+    file.unlink()
+    if graph == "links":  # a readable graph whose neighbour ids point outside the index
+        links = faiss.vector_to_array(stored.hnsw.neighbors)
+        links[0] = 10**6
+        faiss.copy_array_to_vector(links, stored.hnsw.neighbors)
+        faiss.write_index(stored, str(file))
+    elif graph == "garbage":
+        file.write_bytes(b"IHNf" + bytes(range(256)) * 8)
+    elif graph == "empty":
+        file.write_bytes(b"")
+    elif graph == "directory":
+        file.mkdir()
+    else:  # a readable FAISS file, but not this index's graph
+        faiss.write_index(faiss.IndexFlatIP(8), str(file))
+    _refused(idx, search=True)
+
+
+def test_cli_reports_a_damaged_index_in_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(lipsim.cli, "COMMAND_MODULES", ("core", "retrieval"))
+    idx = _saved_index(tmp_path)
+    _edit_meta(idx, lambda m: m["info"].update(skipped=5))
+    for argv in (["dedup", str(idx), "--threshold", "0.1"], ["search", str(idx), "q.png"]):
+        assert main(argv) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and str(idx) in err and "skipped" in err
+
+
+def test_an_interrupted_save_leaves_the_previous_index(tmp_path, monkeypatch):
+    idx = _saved_index(tmp_path, n=3)
+    index = Index.load(idx)
+    index.add(unit(np.random.default_rng(1).normal(size=(2, 8))), ["n0", "n1"], norms=np.ones(2))
+    real, calls = index_mod.atomic_write, []
+
+    def interrupted(path, write):
+        calls.append(path)
+        if len(calls) == 2:  # embeddings written, norms not
+            raise KeyboardInterrupt
+        real(path, write)
+
+    monkeypatch.setattr(index_mod, "atomic_write", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        index.save(idx)
+    monkeypatch.setattr(index_mod, "atomic_write", real)
+    before = Index.load(idx)
+    assert len(before) == 3 and before.search(np.asarray(before.embeddings[:1]), k=1)[0].paths == ["i0"]
+    index.save(idx)
+    after = Index.load(idx)
+    assert after.paths == ["i0", "i1", "i2", "n0", "n1"]
+    assert sorted(f.name.split("-")[0] for f in idx.iterdir()) == [
+        "embeddings",
+        "meta.json",
+        "norms",
+        "paths",
+    ]
+
+
+def _as_version1(idx):
+    """Rewrites a saved index in the format-1 layout (fixed file names, no generation)."""
+    for name in ("embeddings", "norms", "paths", "hnsw"):
+        file = _data(idx, name)
+        if file.exists():
+            file.rename(idx / (name + file.suffix))
+    _edit_meta(idx, lambda m: (m.pop("generation"), m.update(format_version=1)))
+
+
+def test_version1_indexes_load_and_are_upgraded_by_the_next_save(tmp_path):
+    idx = _saved_index(tmp_path, approximate="hnsw", hnsw_m=4)
+    _as_version1(idx)
+    index = Index.load(idx)
+    assert (
+        index.paths == ["i0", "i1", "i2", "i3"]
+        and index.search(np.asarray(index.embeddings[:1]))[0].ids[0] == 0
+    )
+    index.save(idx)
+    assert not (idx / "embeddings.npy").exists() and not (idx / "hnsw.faiss").exists()
+    assert json.loads((idx / "meta.json").read_text())["format_version"] == index_mod.FORMAT_VERSION
+    assert Index.load(idx).paths == index.paths
+
+
+def test_interrupted_extension_resumes_and_restart_recovers_a_broken_index(tmp_path, monkeypatch):
+    _write_folder(tmp_path / "photos")
+    model = lipsim.create_model("tiny-s2d", seed=0)
+    first = index_folder(tmp_path / "photos", tmp_path / "idx", model)
+    lipsim.images.to_pil(smooth_images(1, 99)[0]).save(tmp_path / "photos" / "new.png")
+    real, calls = index_mod.atomic_write, []
+
+    def interrupted(path, write):
+        calls.append(path)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        real(path, write)
+
+    monkeypatch.setattr(index_mod, "atomic_write", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        index_folder(tmp_path / "photos", tmp_path / "idx", model)
+    monkeypatch.setattr(index_mod, "atomic_write", real)
+    assert Index.load(tmp_path / "idx").paths == first.index.paths  # the previous index, intact
+    again = index_folder(tmp_path / "photos", tmp_path / "idx", model)
+    assert again.total == first.total + 1 and "new.png" in Index.load(tmp_path / "idx").paths
+    lipsim.images.to_pil(smooth_images(1, 98)[0]).save(tmp_path / "photos" / "new2.png")
+    with monkeypatch.context() as patch:  # saved, but interrupted before partial/ is removed
+        patch.setattr(build_mod.shutil, "rmtree", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+        with pytest.raises(KeyboardInterrupt):
+            index_folder(tmp_path / "photos", tmp_path / "idx", model)
+    again = index_folder(tmp_path / "photos", tmp_path / "idx", model)
+    assert again.total == first.total + 2 and again.added == 0
+    # an index broken by an older lipsim (format 1, files from two saves): refused, --restart rebuilds
+    _as_version1(tmp_path / "idx")
+    emb = np.load(tmp_path / "idx" / "embeddings.npy")
+    np.save(tmp_path / "idx" / "embeddings.npy", emb[:-1])
+    with pytest.raises(IndexFormatError, match="--restart"):
+        index_folder(tmp_path / "photos", tmp_path / "idx", model)
+    assert index_folder(tmp_path / "photos", tmp_path / "idx", model, restart=True).added == again.total
+    assert sorted(Index.load(tmp_path / "idx").paths) == sorted(again.index.paths)
+    assert not (tmp_path / "idx" / "embeddings.npy").exists()
+
+
+def test_resumed_chunks_with_non_finite_rows_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="unit norm"):
+        Index(dim=4)._append(np.array([[np.nan, 0, 0, 1]], np.float32), None, None)
+    (tmp_path / "photos").mkdir()
+    model = lipsim.create_model("tiny-s2d", seed=0)
+    identity = ModelIdentity.of(model)
+    partial = tmp_path / "idx" / "partial"
+    partial.mkdir(parents=True)
+    manifest = {"model": identity.as_dict(), "root": str((tmp_path / "photos").resolve())}
+    (partial / "manifest.json").write_text(json.dumps(manifest))
+    emb = unit(np.random.default_rng(0).normal(size=(2, identity.dim)))
+    emb[1] = np.nan
+    np.save(partial / "chunk-000000.emb.npy", emb)
+    np.save(partial / "chunk-000000.norms.npy", np.ones(2, np.float32))
+    (partial / "chunk-000000.json").write_text(json.dumps({"paths": ["a.png", "b.png"], "skipped": []}))
+    with pytest.raises(IndexFormatError, match="--restart"):
+        index_folder(tmp_path / "photos", tmp_path / "idx", model)
+    assert index_folder(tmp_path / "photos", tmp_path / "idx", model, restart=True).total == 0

@@ -28,7 +28,7 @@ from ..errors import LipSimError
 from ..fileio import atomic_write
 from ..images import IMAGE_EXTENSIONS, load_image
 from .identity import ModelIdentity
-from .index import UNIT_TOL, Index, IndexFormatError, embed_images
+from .index import UNIT_TOL, Index, IndexFormatError, _first_line, _is_pairs, embed_images
 
 __all__ = ["list_images", "index_folder", "embed_folder", "BuildReport", "FolderEmbeddings"]
 
@@ -172,18 +172,28 @@ def _read_chunks(partial: Path, identity: ModelIdentity, root: Path) -> list[dic
     manifest = partial / "manifest.json"
     try:
         info = json.loads(manifest.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        built_by = ModelIdentity.from_dict(info["model"])
+    except (OSError, ValueError, RecursionError, KeyError, TypeError):
         raise IndexFormatError(
             f"{partial}: an unfinished build without a readable manifest; remove it or pass --restart"
         ) from None
-    ModelIdentity.from_dict(info["model"]).check(identity, what=f"the unfinished build in {partial}")
+    built_by.check(identity, what=f"the unfinished build in {partial}")
     if info.get("root") != str(root):
         raise IndexFormatError(
             f"{partial}: an unfinished build of another folder ({info.get('root')}); --restart discards it"
         )
     records = []
     for rec_path in sorted(partial.glob("chunk-*.json")):
-        rec = json.loads(rec_path.read_text(encoding="utf-8"))
+        try:
+            rec = json.loads(rec_path.read_text(encoding="utf-8"))
+            ok = isinstance(rec, dict) and _is_pairs(rec.get("skipped"))
+            ok = ok and isinstance(rec.get("paths"), list) and all(isinstance(p, str) for p in rec["paths"])
+        except (OSError, ValueError, RecursionError):
+            ok = False
+        if not ok:
+            raise IndexFormatError(
+                f"{rec_path}: a damaged chunk of an unfinished build; --restart discards it"
+            )
         stem = rec_path.name[: -len(".json")]
         rec["emb"] = partial / f"{stem}.emb.npy"
         rec["norms"] = partial / f"{stem}.norms.npy"
@@ -220,7 +230,15 @@ def index_folder(
     rels = list_images(root, exclude=out)
     existing = None
     if Index.is_index(out):
-        existing = Index.load(out)
+        try:
+            existing = Index.load(out)
+            if existing.approximate and len(existing):
+                existing._ensure_hnsw()  # checks the stored graph now, not after embedding
+        except IndexFormatError as exc:
+            if not restart:
+                raise IndexFormatError(f"{exc}; --restart rebuilds the index from the images") from None
+            existing = None  # damaged: rebuilt from the images, its files replaced when saving
+    if existing is not None:
         if existing.identity is None:
             raise IndexFormatError(f"{out}: holds embeddings of an unknown model; cannot add to it")
         existing.identity.check(identity, what=f"the index in {out}")
@@ -235,6 +253,8 @@ def index_folder(
         shutil.rmtree(partial)
     records = _read_chunks(partial, identity, root) if partial.is_dir() else []
     done = set(existing.paths) if existing is not None else set()
+    # chunks already merged by a save that was interrupted before it removed partial/
+    records = [rec for rec in records if not (rec["paths"] and set(rec["paths"]) <= done)]
     skipped_before: list[tuple[str, str]] = []
     for rec in records:
         done.update(rec["paths"])
@@ -294,10 +314,17 @@ def index_folder(
     else:
         index = Index(identity=identity, dim=identity.dim, approximate=approximate)
     for rec in all_records:
-        emb = np.load(rec["emb"], mmap_mode="r", allow_pickle=False)
-        nrm = np.load(rec["norms"], allow_pickle=False)
-        if emb.shape[0]:
-            index._append(np.asarray(emb), nrm, rec["paths"])
+        try:
+            emb = np.load(rec["emb"], mmap_mode="r", allow_pickle=False)
+            nrm = np.load(rec["norms"], allow_pickle=False)
+            index._append(np.asarray(emb), nrm, rec["paths"])  # checks shapes, unit rows, norms
+        except MemoryError:
+            raise
+        except Exception as exc:  # numpy raises many kinds for damaged files
+            raise IndexFormatError(
+                f"{rec['emb']}: a damaged chunk of an unfinished build ({_first_line(exc)}); "
+                "--restart discards it"
+            ) from None
     skipped = skipped_before + [tuple(s) for rec in new_records for s in rec["skipped"]]
     previous = list(index.info.get("skipped", [])) if existing is not None else []
     now_indexed = set(index.paths)

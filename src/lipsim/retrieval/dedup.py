@@ -27,6 +27,7 @@ import numpy as np
 
 from ..errors import LipSimError
 from .certificate import pair_threshold_radius, search_allowance, threshold_reach
+from .index import _check_unit
 
 __all__ = ["PairVerdict", "DedupResult", "find_near_duplicates"]
 
@@ -122,12 +123,15 @@ def find_near_duplicates(
     if not eps >= 0:  # NaN too
         raise ValueError("eps must be a non-negative number")
     emb = np.ascontiguousarray(embeddings, dtype=np.float32)
+    if emb.ndim != 2:
+        raise ValueError(f"embeddings must be (N, D), got shape {emb.shape}")
+    _check_unit(emb, "embeddings")  # a certificate on anything else would be void
     n = emb.shape[0]
     if len(paths) != n:
         raise ValueError(f"{n} embeddings but {len(paths)} paths")
     if norms is not None:
         norms = np.asarray(norms, np.float64)
-        if norms.shape != (n,) or not np.isfinite(norms).all():
+        if norms.shape != (n,) or not np.isfinite(norms).all() or (norms < 0).any():
             raise ValueError("plain-mode certificates need the feature norm ‖f(x)‖ of every image")
     reach = threshold_reach(threshold, eps, None if norms is None or n == 0 else float(norms.min()))
     pairs: list[PairVerdict] = []

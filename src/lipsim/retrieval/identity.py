@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..errors import LipSimError
+from ..spec import EMBEDDINGS
 
 __all__ = ["ModelIdentity", "ModelMismatchError", "weights_sha256"]
 
@@ -58,13 +59,21 @@ class ModelIdentity:
 
     @classmethod
     def from_dict(cls, data: dict) -> ModelIdentity:
-        return cls(
-            arch=str(data["arch"]),
-            embedding=str(data["embedding"]),
-            weights_sha256=str(data["weights_sha256"]),
-            dim=int(data["dim"]),
-            arch_config=str(data.get("arch_config", "")),
-        )
+        """Inverse of :meth:`as_dict`; a one-line ValueError for a malformed description (a wrong
+        embedding mode would select the wrong certificate)."""
+        if not isinstance(data, dict):
+            raise ValueError(f"the model identity must be an object, got {type(data).__name__}")
+        strings = {k: data.get(k) for k in ("arch", "embedding", "weights_sha256")}
+        strings["arch_config"] = data.get("arch_config", "")
+        bad = [k for k, v in strings.items() if not isinstance(v, str)]
+        dim = data.get("dim")
+        if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1:
+            bad.append("dim")
+        if bad:
+            raise ValueError(f"the model identity has a missing or invalid {', '.join(bad)}")
+        if strings["embedding"] not in EMBEDDINGS:
+            raise ValueError(f"the model identity's embedding must be one of {EMBEDDINGS}")
+        return cls(dim=dim, **strings)
 
     def short(self) -> str:
         return f"arch {self.arch}, embedding {self.embedding}, weights sha256 {self.weights_sha256[:12]}"

@@ -4,11 +4,18 @@ Storage: unit-norm float32 embeddings (one row per item) with their paths, the f
 ‖f(x)‖ (needed by plain-mode certificates) and the identity of the model that produced them. On
 disk an index is a directory::
 
-    meta.json        format, model identity, approximate settings, free-form info
-    embeddings.npy   float32 (N, D), memory-mapped on load
-    norms.npy        float32 (N,) ‖f(x)‖ (NaN where embeddings were added without them)
-    paths.json       the N item names (relative paths)
-    hnsw.faiss       the HNSW graph, only for approximate indexes
+    meta.json            format, model identity, approximate settings, free-form info, generation G
+    embeddings-G.npy     float32 (N, D), memory-mapped on load
+    norms-G.npy          float32 (N,) ‖f(x)‖ (NaN where embeddings were added without them)
+    paths-G.json         the N item names (relative paths)
+    hnsw-G.faiss         the HNSW graph, only for approximate indexes
+
+Each save writes the data files of a new generation G (a random hex id), then meta.json (the
+commit point: each file is replaced atomically), then removes the files of other generations, so
+an interrupted save leaves the previous index readable. Format version 1 (still read) had no G:
+``embeddings.npy``, ``norms.npy``, ``paths.json``, ``hnsw.faiss``. Loading validates meta.json
+field by field and scans the embeddings (in blocks) for finite unit rows: a damaged or tampered
+index is refused (:class:`IndexFormatError`) instead of producing wrong certificates.
 
 Search: exact search is FAISS ``IndexFlatIP`` on the unit vectors (d = 1 - inner product); the K
 candidates' distances are then recomputed in float64 from the stored embeddings and the top-1
@@ -22,7 +29,10 @@ exactly (the embeddings are all stored).
 
 from __future__ import annotations
 
+import contextlib
 import json
+import re
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,16 +47,141 @@ from .identity import ModelIdentity
 __all__ = ["Index", "SearchResult", "IndexFormatError", "embed_images"]
 
 FORMAT = "lipsim-index"
-FORMAT_VERSION = 1
-#: tolerance on ‖e‖ - 1 for embeddings handed to :meth:`Index.add` directly
+FORMAT_VERSION = 2
+#: tolerance on ‖e‖ - 1 for embeddings handed to :meth:`Index.add` directly (and on load)
 UNIT_TOL = 1e-4
 _ADD_BLOCK = 65536
+#: HNSW settings, inclusive integer ranges (M < 2 crashes FAISS; a huge efSearch exhausts memory)
+HNSW_LIMITS = {"M": (2, 1024), "ef_construction": (1, 1 << 20), "ef_search": (1, 1 << 20)}
+_SUFFIX = {"embeddings": ".npy", "norms": ".npy", "paths": ".json", "hnsw": ".faiss"}
+_GENERATION = re.compile(r"[0-9a-f]{12}")
+_DATA_FILE = re.compile(r"(embeddings|norms|paths|hnsw)(-[0-9a-f]{12})?\.(npy|json|faiss)")
 #: default number of exact candidates examined by the top-1 certificate
 CERTIFY_K = 32
 
 
 class IndexFormatError(LipSimError, ValueError):
     """A directory that is not a readable lipsim index."""
+
+
+def _data_file(path: Path, name: str, generation: str | None) -> Path:
+    return path / (f"{name}{_SUFFIX[name]}" if generation is None else f"{name}-{generation}{_SUFFIX[name]}")
+
+
+def _is_int(value, lo: int, hi: int) -> bool:
+    return isinstance(value, int | np.integer) and not isinstance(value, bool) and lo <= value <= hi
+
+
+def _is_pairs(value) -> bool:
+    """A list of [str, str] pairs (the recorded skipped files)."""
+    return isinstance(value, list) and all(
+        isinstance(p, list) and len(p) == 2 and all(isinstance(x, str) for x in p) for p in value
+    )
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
+
+
+def _unit_deviation(emb: np.ndarray) -> np.ndarray:
+    """|‖e‖ - 1| per row in float64 (NaN or inf for rows that are not finite), in blocks of about
+    16 MB so that a memory-mapped array is never read into memory whole."""
+    rows = max(1, (1 << 21) // max(1, emb.shape[1]))
+    out = np.empty(emb.shape[0], np.float64)
+    for s in range(0, emb.shape[0], rows):
+        block = np.asarray(emb[s : s + rows], dtype=np.float64)
+        with np.errstate(invalid="ignore", over="ignore"):
+            out[s : s + rows] = np.abs(np.sqrt(np.einsum("ij,ij->i", block, block)) - 1.0)
+    return out
+
+
+def _check_unit(emb: np.ndarray, what: str) -> None:
+    """ValueError unless every row is finite with unit norm (within UNIT_TOL)."""
+    dev = _unit_deviation(emb)
+    bad = ~(dev <= UNIT_TOL)  # NaN too
+    if bad.any():
+        row = int(np.argmax(bad))
+        raise ValueError(
+            f"{what} must be finite with unit norm ({int(bad.sum())} row(s) are not; row {row}: "
+            f"|‖e‖ - 1| = {dev[row]:.2e})"
+        )
+
+
+def _check_norms(norms: np.ndarray, what: str) -> None:
+    """ValueError unless every feature norm is ≥ 0 and finite, or NaN (unknown)."""
+    if norms.dtype.kind != "f":
+        raise ValueError(f"{what} must be floating point, got {norms.dtype}")
+    with np.errstate(invalid="ignore"):
+        bad = np.isinf(norms) | (norms < 0)
+    if bad.any():
+        raise ValueError(f"{what} must be non-negative and finite ({int(bad.sum())} are not)")
+
+
+def _check_meta(meta) -> tuple:
+    """(count, dim, generation, identity, Index keyword arguments, info) of a parsed meta.json;
+    ValueError (one line) for anything out of schema."""
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ValueError("not a lipsim index description")
+    version = meta.get("format_version")
+    if not _is_int(version, 1, 1 << 31):
+        raise ValueError(f"format_version must be a positive integer, got {_short(version)}")
+    if version > FORMAT_VERSION:
+        raise ValueError(f"index format {version} is newer than this lipsim")
+    n, dim = meta.get("count"), meta.get("dim")
+    if not _is_int(n, 0, 1 << 62) or not _is_int(dim, 1, 1 << 31):
+        raise ValueError(f"count and dim must be integers ≥ 0 and ≥ 1, got {_short(n)} and {_short(dim)}")
+    generation = meta.get("generation") if version >= 2 else None
+    if version >= 2 and not (isinstance(generation, str) and _GENERATION.fullmatch(generation)):
+        raise ValueError(f"generation must be 12 hexadecimal digits, got {_short(generation)}")
+    identity = None if meta.get("model") is None else ModelIdentity.from_dict(meta["model"])
+    approx = meta.get("approximate")
+    if approx is not None and not (isinstance(approx, dict) and approx.get("kind") == "hnsw"):
+        raise ValueError(f'approximate must be null or {{"kind": "hnsw", ...}}, got {_short(approx)}')
+    settings = {"approximate": None if approx is None else "hnsw"}
+    for key, arg in (("M", "hnsw_m"), ("ef_construction", "ef_construction"), ("ef_search", "ef_search")):
+        if approx is not None and key in approx:
+            settings[arg] = approx[key]
+    info = {} if meta.get("info") is None else meta["info"]
+    if not isinstance(info, dict):
+        raise ValueError(f"info must be an object, got {_short(info)}")
+    for key in ("root", "model_source"):
+        if not isinstance(info.get(key), str | None):
+            raise ValueError(f"info.{key} must be a string, got {_short(info[key])}")
+    if not _is_pairs(info.get("skipped", [])):
+        raise ValueError("info.skipped must be a list of [path, reason] pairs")
+    return n, dim, generation, identity, settings, dict(info)
+
+
+def _graph_ok(faiss, index, dim: int, n: int) -> bool:
+    """Whether ``index`` is an inner-product HNSW graph of n rows of dimension dim with a consistent
+    link table (each node's neighbour lists sized by its level, every link a valid id): a check
+    against damage that keeps FAISS from reading out of bounds, not a proof against crafted files."""
+    if not isinstance(index, faiss.IndexHNSWFlat) or index.metric_type != faiss.METRIC_INNER_PRODUCT:
+        return False
+    if (index.d, index.ntotal) != (dim, n) or n == 0:
+        return (index.d, index.ntotal) == (dim, n)
+    g = index.hnsw
+    links, offsets, levels, cum, probas = (
+        faiss.vector_to_array(v).astype(np.int64)
+        for v in (g.neighbors, g.offsets, g.levels, g.cum_nneighbor_per_level, g.assign_probas)
+    )
+    if levels.size != n or offsets.size != n + 1 or cum.size != probas.size + 1 or links.size == 0:
+        return False
+    return bool(
+        1 <= levels.min() <= levels.max() < cum.size
+        and g.max_level == levels.max() - 1
+        and offsets[0] == 0
+        and offsets[-1] == links.size
+        and np.array_equal(np.diff(offsets), cum[levels])
+        and -1 <= links.min() <= links.max() < n
+        and 0 <= g.entry_point < n
+    )
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 @dataclass
@@ -135,6 +270,10 @@ class Index:
     ):
         if approximate not in (None, "hnsw"):
             raise ValueError(f"approximate must be None or 'hnsw', got {approximate!r}")
+        for key, value in (("M", hnsw_m), ("ef_construction", ef_construction), ("ef_search", ef_search)):
+            lo, hi = HNSW_LIMITS[key]
+            if not _is_int(value, lo, hi):
+                raise ValueError(f"HNSW {key} must be an integer in [{lo}, {hi}], got {_short(value)}")
         self.model = None
         if model is not None:
             identity = ModelIdentity.of(model)
@@ -144,6 +283,8 @@ class Index:
             if identity is None:
                 raise ValueError("Index needs a model, a dim or an identity")
             dim = identity.dim
+        if not _is_int(dim, 1, 1 << 31):
+            raise ValueError(f"dim must be a positive integer, got {_short(dim)}")
         if identity is not None and identity.dim != dim:
             raise ValueError(f"dim {dim} does not match the model's embedding dimension {identity.dim}")
         self.dim = int(dim)
@@ -162,6 +303,7 @@ class Index:
         self._gpu_res = None
         self._hnsw = None
         self._hnsw_file: Path | None = None
+        self._hnsw_count = 0  # rows the stored graph must hold
 
     # -- contents -------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -245,9 +387,9 @@ class Index:
         n = emb.shape[0]
         if emb.ndim != 2 or emb.shape[1] != self.dim:
             raise ValueError(f"embeddings have dimension {emb.shape[-1]}, the index holds {self.dim}")
-        unit = np.abs(np.linalg.norm(emb.astype(np.float64), axis=1) - 1.0)
-        if n and unit.max() > UNIT_TOL:
-            raise ValueError(f"embeddings must have unit norm (worst |‖e‖ - 1| = {unit.max():.2e})")
+        _check_unit(emb, "embeddings")
+        if fnorms is not None:
+            _check_norms(fnorms, "norms")
         if paths is None:
             paths = [f"item-{len(self) + i}" for i in range(n)]
         paths = [str(p) for p in paths]
@@ -304,9 +446,7 @@ class Index:
 
             index = None
             if self._hnsw_file is not None and self._hnsw_file.exists():
-                loaded = faiss.read_index(str(self._hnsw_file))
-                if loaded.d == self.dim and loaded.ntotal <= len(self):
-                    index = loaded
+                index = self._read_hnsw(faiss)
             if index is None:
                 index = faiss.IndexHNSWFlat(self.dim, self.hnsw_m, faiss.METRIC_INNER_PRODUCT)
                 index.hnsw.efConstruction = self.ef_construction
@@ -314,6 +454,18 @@ class Index:
                 index.add(block)
             self._hnsw = index
         return self._hnsw
+
+    def _read_hnsw(self, faiss):
+        """The stored graph, refused unless it is an inner-product HNSW graph of this index's rows."""
+        file = self._hnsw_file
+        try:
+            index = faiss.read_index(str(file))
+        except Exception as exc:  # faiss raises RuntimeError for damaged files
+            why = _first_line(exc).split("Error: ", 1)[-1]
+            raise IndexFormatError(f"{file}: damaged HNSW graph ({why})") from None
+        if not _graph_ok(faiss, index, self.dim, self._hnsw_count):
+            raise IndexFormatError(f"{file}: not a valid HNSW graph of this index's {self._hnsw_count} rows")
+        return index
 
     def build(self) -> None:
         """Builds the search structures now instead of at the first search."""
@@ -415,10 +567,13 @@ class Index:
 
     # -- persistence ----------------------------------------------------------------------------
     def save(self, path) -> Path:
-        """Writes the index directory (each file replaced atomically, meta.json last)."""
+        """Writes the index directory: the data files of a new generation (each atomically), then
+        meta.json, which points at them, then removes the files of other generations. Interrupted
+        at any point, the directory still holds the previous index (or the new one), never a mix."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         n = len(self)
+        generation = secrets.token_hex(6)
 
         def write_embeddings(tmp):
             arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, self.dim))
@@ -443,19 +598,20 @@ class Index:
 
             return write
 
-        atomic_write(path / "embeddings.npy", write_embeddings)
-        atomic_write(path / "norms.npy", write_npy(np.asarray(self.norms, np.float32)))
-        atomic_write(path / "paths.json", write_text(json.dumps(self._paths, ensure_ascii=False)))
+        atomic_write(_data_file(path, "embeddings", generation), write_embeddings)
+        atomic_write(_data_file(path, "norms", generation), write_npy(np.asarray(self.norms, np.float32)))
+        paths_text = json.dumps(self._paths, ensure_ascii=False)
+        atomic_write(_data_file(path, "paths", generation), write_text(paths_text))
+        hnsw_file = _data_file(path, "hnsw", generation)
         if self.approximate == "hnsw" and n:
             import faiss
 
             hnsw = self._ensure_hnsw()
-            atomic_write(path / "hnsw.faiss", lambda tmp: faiss.write_index(hnsw, tmp))
-        elif (path / "hnsw.faiss").exists():
-            (path / "hnsw.faiss").unlink()
+            atomic_write(hnsw_file, lambda tmp: faiss.write_index(hnsw, tmp))
         meta = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
+            "generation": generation,
             "count": n,
             "dim": self.dim,
             "model": None if self.identity is None else self.identity.as_dict(),
@@ -470,6 +626,12 @@ class Index:
             "info": self.info,
         }
         atomic_write(path / "meta.json", write_text(json.dumps(meta, indent=1, ensure_ascii=False)))
+        for file in path.iterdir():  # other generations and the version-1 names
+            match = _DATA_FILE.fullmatch(file.name)
+            if match and match[2] != f"-{generation}":
+                with contextlib.suppress(OSError):  # a leftover is harmless: nothing refers to it
+                    file.unlink()
+        self._hnsw_file, self._hnsw_count = hnsw_file, n
         return path
 
     @staticmethod
@@ -479,13 +641,15 @@ class Index:
             return False
         try:
             return json.loads(meta.read_text(encoding="utf-8")).get("format") == FORMAT
-        except (OSError, ValueError, AttributeError):
+        except (OSError, ValueError, AttributeError, RecursionError):
             return False
 
     @classmethod
     def load(cls, path, model=None, *, mmap: bool = True, use_gpu: bool | None = None) -> Index:
         """Opens an index directory; embeddings are memory-mapped (``mmap=True``). With ``model``,
-        refuses (:class:`~lipsim.retrieval.ModelMismatchError`) unless it built the index."""
+        refuses (:class:`~lipsim.retrieval.ModelMismatchError`) unless it built the index. Anything
+        damaged or out of format (meta.json fields, file headers, embeddings that are not finite
+        unit vectors, negative or infinite norms) is an :class:`IndexFormatError` naming the path."""
         path = Path(path)
         if not path.is_dir():
             raise IndexFormatError(f"{path}: no such index directory")
@@ -495,51 +659,47 @@ class Index:
             unfinished = (path / "partial").is_dir()
             hint = " (an unfinished build: rerun 'lipsim index' to complete it)" if unfinished else ""
             raise IndexFormatError(f"{path}: not a lipsim index (no meta.json){hint}") from None
-        except (OSError, ValueError) as exc:
-            raise IndexFormatError(f"{path}/meta.json: unreadable ({exc})") from None
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-            raise IndexFormatError(f"{path}: meta.json is not a lipsim index description")
-        if int(meta.get("format_version", 0)) > FORMAT_VERSION:
-            raise IndexFormatError(f"{path}: index format {meta['format_version']} is newer than this lipsim")
+        except (OSError, ValueError, RecursionError) as exc:
+            raise IndexFormatError(f"{path}/meta.json: unreadable ({_first_line(exc)})") from None
         try:
-            emb = np.load(path / "embeddings.npy", mmap_mode="r" if mmap else None, allow_pickle=False)
-            norms = np.load(path / "norms.npy", allow_pickle=False)
-            paths = json.loads((path / "paths.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise IndexFormatError(f"{path}: damaged index ({exc})") from None
-        n, dim = int(meta.get("count", -1)), int(meta.get("dim", -1))
+            n, dim, generation, identity, settings, info = _check_meta(meta)
+            index = cls(dim=dim, identity=identity, use_gpu=use_gpu, **settings)
+        except ValueError as exc:
+            raise IndexFormatError(f"{path}/meta.json: {_first_line(exc)}") from None
+        files = {name: _data_file(path, name, generation) for name in _SUFFIX}
+        names = {name: file.name for name, file in files.items()}
+        try:
+            emb = np.load(files["embeddings"], mmap_mode="r" if mmap else None, allow_pickle=False)
+            norms = np.load(files["norms"], allow_pickle=False)
+            paths = json.loads(files["paths"].read_text(encoding="utf-8"))
+        except MemoryError:
+            raise
+        except Exception as exc:  # numpy raises many kinds for damaged headers
+            raise IndexFormatError(f"{path}: damaged index ({_first_line(exc)})") from None
         if emb.dtype != np.float32 or emb.ndim != 2 or emb.shape != (n, dim):
             raise IndexFormatError(
-                f"{path}: embeddings.npy is {emb.dtype} {emb.shape}, meta says float32 ({n}, {dim})"
+                f"{path}: {names['embeddings']} is {emb.dtype} {emb.shape}, meta says float32 ({n}, {dim})"
             )
         if norms.shape != (n,) or not isinstance(paths, list) or len(paths) != n:
-            raise IndexFormatError(f"{path}: norms.npy/paths.json do not hold {n} entries")
-        approx = meta.get("approximate")
-        identity = ModelIdentity.from_dict(meta["model"]) if meta.get("model") else None
-        kwargs = {}
-        if approx:
-            kwargs = dict(
-                hnsw_m=approx.get("M", 32),
-                ef_construction=approx.get("ef_construction", 80),
-                ef_search=approx.get("ef_search", 128),
-            )
-        index = cls(
-            dim=dim,
-            identity=identity,
-            approximate=approx["kind"] if approx else None,
-            use_gpu=use_gpu,
-            **kwargs,
-        )
-        index.info = dict(meta.get("info") or {})
+            raise IndexFormatError(f"{path}: {names['norms']}/{names['paths']} do not hold {n} entries")
+        if not all(isinstance(p, str) for p in paths):
+            raise IndexFormatError(f"{path}: {names['paths']} must hold strings")
+        try:
+            _check_norms(norms, names["norms"])
+            _check_unit(emb, names["embeddings"])
+        except ValueError as exc:
+            raise IndexFormatError(f"{path}: {exc}") from None
+        index.info = info
         if n:
             index._emb.append(emb)
             index._norms.append(norms.astype(np.float32))
             index._offsets.append(n)
-            index._paths = [str(p) for p in paths]
+            index._paths = paths
             index._path_set = set(index._paths)
             if len(index._path_set) != n:
-                raise IndexFormatError(f"{path}: paths.json holds duplicate names")
-        index._hnsw_file = path / "hnsw.faiss" if approx else None
+                raise IndexFormatError(f"{path}: {names['paths']} holds duplicate names")
+        if index.approximate:
+            index._hnsw_file, index._hnsw_count = files["hnsw"], n
         if model is not None:
             index.attach(model)
         return index
