@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
+import re
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -84,6 +88,20 @@ def test_image_folder_skips_unreadable_files_and_records_them(tmp_path):
     assert ds.bad == ["b.png", "c.jpg"]
     assert ds[2][1] == "d.png" and ds.bad == ["b.png", "c.jpg"]  # known bad files are not retried
     assert ds[3][1] == "d.png"
+
+
+def test_image_folder_skips_files_that_fail_inside_the_decoder(tmp_path):
+    (tmp_path / "a.pgm").write_bytes(b"P5\nx 1\n255\n\0")  # Pillow: ValueError, not OSError
+    ihdr = b"IHDR" + bytes(5)  # a truncated IHDR chunk
+    png = b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 5) + ihdr + struct.pack(">I", zlib.crc32(ihdr))
+    (tmp_path / "b.png").write_bytes(png)
+    save(photo(1), tmp_path / "c.png")
+    with pytest.raises(ImageError, match="a.pgm: cannot decode image"):
+        ImageFolderDataset(tmp_path, size=16)[0]
+    ds = ImageFolderDataset(tmp_path, size=16, skip_unreadable=True)
+    assert ds[0][1] == "c.png" and ds.bad == ["a.pgm", "b.png"]
+    views = ImageFolderDataset(tmp_path, transform=lambda im: im.size, skip_unreadable=True)
+    assert views[0] == ((160, 120), "c.png") and views.bad == ["a.pgm", "b.png"]
 
 
 def test_image_folder_errors_for_empty_or_all_unreadable(tmp_path):
@@ -220,6 +238,27 @@ def test_night_errors_are_one_line_value_errors(tmp_path):
         assert issubclass(exc, ValueError)
 
 
+@pytest.mark.parametrize("path", ["/etc/passwd", "../outside.png", "ref/../../outside.png", ""])
+def test_night_refuses_image_paths_outside_the_root(tmp_path, path):
+    write_night(tmp_path / "night", NIGHT_ROWS)
+    save(photo(1), tmp_path / "outside.png")
+    csv_path = tmp_path / "night" / "data.csv"
+    rows = list(csv.reader(csv_path.read_text().splitlines()))
+    rows[3][5] = path  # the third data row, id 9: kept with min_votes=5
+    with open(csv_path, "w", newline="") as handle:
+        csv.writer(handle).writerows(rows)
+    assert len(NightDataset(tmp_path / "night", split="test")) == 3  # that row is filtered out
+    with pytest.raises(
+        DatasetError, match=r"data.csv:4: left_path \(column 5\) must be a relative path"
+    ) as info:
+        NightDataset(tmp_path / "night", split="test", min_votes=5)
+    assert "\n" not in str(info.value)
+    rows[3][5] = "ref/../distort/000/9_0.png"  # ".." that stays inside is fine
+    with open(csv_path, "w", newline="") as handle:
+        csv.writer(handle).writerows(rows)
+    assert len(NightDataset(tmp_path / "night", split="test", min_votes=5)) == 4
+
+
 # --------------------------------------------------------------------------- BAPPS
 
 
@@ -271,6 +310,35 @@ def test_bapps_errors(tmp_path):
     np.save(base / "val/mix/judge/000000.npy", np.array([1.5]))
     with pytest.raises(DatasetError, match="000000.npy"):
         BappsDataset(tmp_path, split="val", categories=["mix"])
+
+
+def test_bapps_judge_must_be_one_real_fraction(tmp_path):
+    base = tmp_path / "2afc"
+    write_bapps(base, "val", "cnn", {"000000": 0.5})
+    judge = base / "val/cnn/judge/000000.npy"
+    huge = io.BytesIO()  # a header declaring 80 GB of float64 in front of 8 bytes
+    np.lib.format.write_array_header_1_0(huge, {"descr": "<f8", "fortran_order": False, "shape": (10**10,)})
+    cases = {
+        "dtype complex128": np.array([0.5 + 2j]),  # was read as 0.5, the imaginary part dropped
+        "dtype [('a', '<f8')]": np.zeros(1, dtype=[("a", "<f8")]),  # was a TypeError
+        "dtype <U3": np.array(["0.5"]),
+        "dtype bool": np.array([True]),
+        "shape (2,)": np.array([0.5, 0.5]),
+        "shape (0,)": np.zeros(0),
+        "got nan": np.array([np.nan]),
+        "cannot read judgement": huge.getvalue() + bytes(8),  # was a MemoryError
+    }
+    for message, value in cases.items():
+        if isinstance(value, bytes):
+            judge.write_bytes(value)
+        else:
+            np.save(judge, value)
+        with pytest.raises(DatasetError, match=f"000000.npy: .*{re.escape(message)}") as info:
+            BappsDataset(base, categories="cnn")
+        assert "\n" not in str(info.value)
+    for value in (np.float32(0.25), np.array([[1]], dtype=np.uint8)):  # any one real number in [0, 1]
+        np.save(judge, value)
+        assert BappsDataset(base, categories="cnn").records[0].y == float(value.reshape(-1)[0])
 
 
 # --------------------------------------------------------------------------- synthetic 2AFC

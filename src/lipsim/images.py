@@ -6,6 +6,14 @@ convention: a float32 tensor (1, 3, S, S) in [0, 1], RGB, resized with bicubic i
 imported only by the functions that return or check tensors).
 Messy files (grey, alpha, CMYK, palette, 16-bit, EXIF rotation, tiny or thin images) work;
 broken ones fail with a one-line :class:`ImageError` and never exhaust memory.
+
+Scale of high bit depths (from the mode and the file, never from the pixel values): "I;16"
+images (16-bit PNG, TIFF) are white at 65535; "I" images from a PGM/PPM too (Pillow maps every
+maxval above 255 onto 0..65535), from other files at the full range of the stored integer type
+(``2**bits - 1``, ``2**(bits - 1) - 1`` if signed); an "I" image whose source depth is unknown
+(made in memory, or already loaded and not from a PGM/PPM) is refused. Float ("F") images are
+taken as [0, 1]. Values outside that range (negative integers, floats below 0 or above 1, NaN,
+infinity) are an :class:`ImageError`, not clipped.
 """
 
 from __future__ import annotations
@@ -13,13 +21,15 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import re
+import stat
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from .errors import ImageError
 
@@ -38,70 +48,112 @@ __all__ = [
     "to_pil",
 ]
 
-#: a larger declared image is refused before decoding (decompression bombs)
+#: a larger declared image is refused before decoding (decompression bombs); this is the limit,
+#: Pillow's own DecompressionBombWarning (89.5 M pixels) is silenced while decoding
 MAX_PIXELS = 100_000_000
 MAX_FILE_BYTES = 512 * 1024 * 1024
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 _WHITE = (255, 255, 255)
+_INT_RAWMODE = re.compile(r"I(?:;(8|16|32)[BLN]?(S)?)?")  # how Pillow's decoders name integer samples
+
+
+@contextlib.contextmanager
+def decoding(name: str) -> Iterator[None]:
+    """Turns every failure inside the block (opening, decoding, converting, resizing pixels) into a
+    one-line :class:`ImageError` naming ``name``. Pillow raises many types for corrupt files
+    (OSError, ValueError, SyntaxError, struct.error, EOFError, IndexError, ...), so any Exception
+    counts. Pillow's DecompressionBombWarning is ignored here: :data:`MAX_PIXELS` is the limit."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            yield
+    except ImageError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageError(f"{name}: not a recognised image file") from None
+    except Image.DecompressionBombError:  # Pillow refuses 2 * MAX_IMAGE_PIXELS before our check runs
+        limit = min(MAX_PIXELS, 2 * (Image.MAX_IMAGE_PIXELS or MAX_PIXELS))
+        raise ImageError(f"{name}: image too large (more than {limit} pixels)") from None
+    except MemoryError:
+        raise ImageError(f"{name}: not enough memory to decode image") from None
+    except Exception as exc:
+        if isinstance(exc, OSError) and exc.strerror:
+            raise ImageError(f"{name}: cannot read ({exc.strerror})") from None
+        msg = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise ImageError(f"{name}: cannot decode image ({msg})") from None
 
 
 def _open(path: str | os.PathLike) -> Image.Image:
     p = Path(path)
-    if not p.exists():
-        raise ImageError(f"{p}: no such file")
-    if p.is_dir():
+    try:
+        info = p.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        raise ImageError(f"{p}: no such file") from None
+    except (OSError, ValueError) as exc:  # a name too long, a symbolic-link loop, no permission, NUL
+        raise ImageError(f"{p}: cannot read ({getattr(exc, 'strerror', None) or exc})") from None
+    if stat.S_ISDIR(info.st_mode):
         raise ImageError(f"{p}: is a directory, not an image")
-    try:
-        size = p.stat().st_size
-    except OSError as exc:
-        raise ImageError(f"{p}: cannot read ({exc.strerror or exc})") from None
-    if size == 0:
+    if info.st_size == 0:
         raise ImageError(f"{p}: empty file")
-    if size > MAX_FILE_BYTES:
-        raise ImageError(f"{p}: file too large ({size} bytes)")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(p)
-    except UnidentifiedImageError:
-        raise ImageError(f"{p}: not a recognised image file") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ImageError(f"{p}: image too large (decompression bomb guard)") from None
-    except OSError as exc:
-        raise ImageError(f"{p}: cannot open image ({exc})") from None
-    return img
+    if info.st_size > MAX_FILE_BYTES:
+        raise ImageError(f"{p}: file too large ({info.st_size} bytes)")
+    with decoding(str(p)):
+        return Image.open(p)
 
 
-def _to_float_rgb(img: Image.Image, name: str) -> Image.Image | np.ndarray:
-    """Returns an 8-bit RGB PIL image, or a float (H, W, 3) array in [0, 1] for high bit depths."""
-    mode = img.mode
-    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
-        arr = np.asarray(img, dtype=np.float64)
-        if mode == "F":
-            top = 1.0 if arr.size and np.nanmax(arr) <= 1.0 else 255.0
+def _white(img: Image.Image, name: str) -> float | None:
+    """The value of white for a high-bit-depth mode (see the module docstring); None for 8-bit modes.
+
+    Reads the decoder's raw mode, so it must run before ``img.load()``."""
+    if img.mode == "F":
+        return 1.0
+    if img.mode.startswith("I;16") or (img.mode == "I" and img.format == "PPM"):
+        return 65535.0
+    if img.mode != "I":
+        return None
+    tile = getattr(img, "tile", None)  # only images opened from a file have one
+    args = tile[0].args if tile else None
+    raw = args if isinstance(args, str) else args[0] if isinstance(args, tuple) and args else None
+    match = _INT_RAWMODE.fullmatch(raw) if isinstance(raw, str) else None
+    if match is None:
+        raise ImageError(f"{name}: 32-bit integer image of unknown bit depth (convert it to 'I;16' or 'L')")
+    bits = int(match[1] or 32)
+    return float(2 ** (bits - 1 if match[2] or not match[1] else bits) - 1)
+
+
+def _decode(img: Image.Image, name: str) -> tuple[Image.Image, float]:
+    """Decodes the pixels of an opened image: ``(image, white)``.
+
+    8-bit images come back as "L" or "RGB" (white 255; alpha composited on white, palettes and
+    other colour spaces converted); high bit depths ("I;16*", "I", "F") as one float32 band "F",
+    values not yet divided by ``white``, so that callers resize before scaling and before
+    expanding grey to three channels. Call inside :func:`decoding`.
+    """
+    white = _white(img, name)
+    img.load()
+    if img.getexif().get(ExifTags.Base.Orientation, 1) != 1:  # exif_transpose would copy every image
+        img = ImageOps.exif_transpose(img)
+    if white is not None:
+        if img.mode == "F":
+            pixels = np.asarray(img)  # NumPy's min and max propagate NaN, getextrema skips it
+            lo, hi = float(pixels.min()), float(pixels.max())
         else:
-            top = 65535.0 if arr.size and arr.max() > 255 or mode.startswith("I;16") else 255.0
-        if not np.isfinite(arr).all():
-            raise ImageError(f"{name}: image contains NaN or infinite values")
-        arr = np.clip(arr / top, 0.0, 1.0)
-        return np.repeat(arr[..., None], 3, axis=2)
-    if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, _WHITE + (255,))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    if mode != "RGB":
-        return img.convert("RGB")
-    return img
+            lo, hi = img.getextrema() if img.mode == "I" else (0, white)
+        if not 0.0 <= lo <= hi <= white:  # False for NaN
+            raise ImageError(f"{name}: pixel values [{lo:.6g}, {hi:.6g}] lie outside [0, {white:.6g}]")
+        return (img if img.mode == "F" else img.convert("F")), white  # resampled in float32, unclipped
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img if img.mode == "RGBA" else img.convert("RGBA")
+        rgb = Image.new("RGB", rgba.size, _WHITE)
+        rgb.paste(rgba, mask=rgba)  # = alpha_composite on white, with two fewer full-size copies
+        return rgb, 255.0
+    return (img if img.mode in ("L", "RGB") else img.convert("L" if img.mode == "1" else "RGB")), 255.0
 
 
-def _resize_float(arr: np.ndarray, size: int) -> np.ndarray:
-    channels = [
-        np.asarray(
-            Image.fromarray(arr[..., c].astype(np.float32), mode="F").resize((size, size), Image.BICUBIC)
-        )
-        for c in range(3)
-    ]
-    return np.clip(np.stack(channels, axis=2), 0.0, 1.0)
+def _eight_bit(img: Image.Image, white: float) -> Image.Image:
+    """A decoded high-bit-depth "F" image as 8-bit "L", rounded (Pillow's F -> L clips and
+    truncates); 8-bit images unchanged."""
+    return img if img.mode != "F" else img.point(lambda v: v * (255.0 / white) + 0.5).convert("L")
 
 
 def open_image(source) -> tuple[Image.Image, str]:
@@ -122,40 +174,29 @@ def open_image(source) -> tuple[Image.Image, str]:
     return img, name
 
 
-@contextlib.contextmanager
-def decoding(name: str) -> Iterator[None]:
-    """Turns decoder failures inside the block into one-line :class:`ImageError`s."""
-    try:
-        yield
-    except ImageError:
-        raise
-    except (OSError, SyntaxError, ValueError) as exc:
-        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ImageError(f"{name}: cannot decode image ({msg})") from None
-    except MemoryError:
-        raise ImageError(f"{name}: not enough memory to decode image") from None
-
-
-def load_image_array(source, size: int = 224) -> np.ndarray:
+def load_image_array(source, size: int | None = 224) -> np.ndarray:
     """:func:`load_image` as a NumPy float32 array (1, 3, size, size) in [0, 1]; no torch needed."""
+    if size is not None and (isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1):
+        raise ValueError(f"size must be a positive integer or None, got {size!r}")
     img, name = open_image(source)
     with decoding(name):
-        img.load()
-        img = ImageOps.exif_transpose(img)
-        rgb = _to_float_rgb(img, name)
-        if isinstance(rgb, np.ndarray):
-            arr = _resize_float(rgb, size)
-        else:
-            arr = np.asarray(rgb.resize((size, size), Image.BICUBIC), dtype=np.float32) / 255.0
-    return np.ascontiguousarray(np.asarray(arr, dtype=np.float32).transpose(2, 0, 1)[None])
+        img, white = _decode(img, name)
+        if size is not None:
+            img = img.resize((int(size), int(size)), Image.BICUBIC)
+        arr = np.asarray(img, dtype=np.float32) / np.float32(white)
+    np.clip(arr, 0.0, 1.0, out=arr)
+    arr = np.repeat(arr[None], 3, axis=0) if arr.ndim == 2 else arr.transpose(2, 0, 1)
+    return np.ascontiguousarray(arr[None])
 
 
-def load_image(source, size: int = 224) -> torch.Tensor:
+def load_image(source, size: int | None = 224) -> torch.Tensor:
     """Loads a path or PIL image as a (1, 3, size, size) float32 tensor in [0, 1] (RGB, bicubic).
 
-    Alpha is composited on white; EXIF orientation is applied; 16-bit and float images are
-    scaled by their bit depth. Raises :class:`lipsim.ImageError` (a ``ValueError``) with a
-    one-line message for missing, empty, truncated, oversized or non-image inputs.
+    ``size=None`` keeps the image's own height and width. Alpha is composited on white; EXIF
+    orientation is applied; 16-bit and float images are scaled by their bit depth (module
+    docstring), never by their contents. Raises :class:`lipsim.ImageError` (a ``ValueError``) with
+    a one-line message naming the file for missing, empty, corrupt, truncated, oversized or
+    non-image inputs, and ``ValueError`` for a ``size`` that is not a positive integer.
     """
     import torch
 

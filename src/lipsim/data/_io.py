@@ -13,9 +13,9 @@ import os
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
-from ..images import _to_float_rgb, decoding, open_image, to_pil
+from ..images import _decode, _eight_bit, decoding, open_image, to_pil
 
 __all__ = ["open_rgb", "pil_to_tensor", "quantize", "save_png", "jpeg_roundtrip"]
 
@@ -31,15 +31,11 @@ def open_rgb(path: str | os.PathLike, max_side: int | None = None) -> Image.Imag
     with decoding(name):
         if max_side is not None and img.format == "JPEG" and max(img.size) > max_side:
             img.draft("RGB", (max_side, max_side))
-        img.load()
-        img = ImageOps.exif_transpose(img)
-        rgb = _to_float_rgb(img, name)
-        if isinstance(rgb, np.ndarray):
-            rgb = Image.fromarray((rgb * 255.0 + 0.5).astype(np.uint8), mode="RGB")
-        if max_side is not None and max(rgb.size) > max_side:
-            rgb = rgb.copy()
-            rgb.thumbnail((max_side, max_side), Image.BICUBIC)
-    return rgb
+        img, white = _decode(img, name)
+        if max_side is not None and max(img.size) > max_side:
+            img.thumbnail((max_side, max_side), Image.BICUBIC)  # in place (ours), at full bit depth
+        img = _eight_bit(img, white)
+        return img if img.mode == "RGB" else img.convert("RGB")
 
 
 def pil_to_tensor(img: Image.Image) -> torch.Tensor:

@@ -13,6 +13,7 @@ tried in that order. Images are returned in **[0, 1]** (not LPIPS' [-1, 1]), res
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -56,14 +57,24 @@ def _sorted_files(folder: Path, suffixes: tuple[str, ...]) -> list[Path]:
 
 
 def _read_judge(path: Path) -> float:
-    try:
-        value = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise DatasetError(f"{path}: cannot read judgement ({exc})") from None
-    value = np.asarray(value, dtype=np.float64).reshape(-1)
-    if value.size != 1 or not np.isfinite(value[0]) or not 0.0 <= value[0] <= 1.0:
-        raise DatasetError(f"{path}: expected one fraction in [0, 1], got {value.tolist()[:4]}")
-    return float(value[0])
+    """The one fraction in a judge file: a real (integer or float) array of one value, finite, in [0, 1]."""
+    try:  # memory-mapped: a header that declares a huge shape cannot make us allocate it
+        value = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        msg = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise DatasetError(f"{path}: cannot read judgement ({msg})") from None
+    if not isinstance(value, np.ndarray):
+        if hasattr(value, "close"):
+            value.close()
+        raise DatasetError(f"{path}: expected a .npy array, got {type(value).__name__}")
+    if value.dtype.kind not in "iuf":
+        raise DatasetError(f"{path}: expected a real number, got an array of dtype {value.dtype}")
+    if value.size != 1:
+        raise DatasetError(f"{path}: expected one fraction in [0, 1], got an array of shape {value.shape}")
+    y = float(value.reshape(-1)[0])
+    if not (math.isfinite(y) and 0.0 <= y <= 1.0):
+        raise DatasetError(f"{path}: expected one fraction in [0, 1], got {y}")
+    return y
 
 
 class BappsDataset(TripletDataset):

@@ -77,6 +77,14 @@ def _parse_float(text: str, column: str, where: str) -> float:
     return value
 
 
+def _inside(root: Path, text: str, column: str, where: str) -> Path:
+    """``root / text`` for a relative path that stays inside ``root`` (``..`` may not climb out)."""
+    rel = text.strip()
+    if not rel or os.path.isabs(rel) or Path(os.path.normpath(rel)).parts[:1] == ("..",):
+        raise DatasetError(f"{where}: {column} must be a relative path inside the root, got {text!r}")
+    return root / rel
+
+
 class TripletDataset:
     """Shared behaviour of the 2AFC readers: ``records`` (a list of :class:`TripletRecord`) and
     ``size``; items are loaded lazily by :func:`load_triplet`."""
@@ -112,8 +120,9 @@ class NightDataset(TripletDataset):
     test rows, else the split name, ``"family"`` -> the ``family`` column or ``""``.
 
     Raises :class:`DatasetError` (a ``ValueError``) with a one-line message for a missing
-    ``data.csv``, missing columns, malformed values, an image file that does not exist (checked
-    for every kept row at construction unless ``check_files=False``) or an empty split.
+    ``data.csv``, missing columns, malformed values, an image path that is absolute or leaves
+    ``root`` through ``..``, an image file that does not exist (checked for every kept row at
+    construction unless ``check_files=False``) or an empty split.
     """
 
     def __init__(
@@ -187,9 +196,9 @@ class NightDataset(TripletDataset):
             records.append(
                 TripletRecord(
                     id=row[0].strip(),
-                    ref=self.root / row[4].strip(),
-                    x0=self.root / row[5].strip(),
-                    x1=self.root / row[6].strip(),
+                    ref=_inside(self.root, row[4], "ref_path (column 4)", where),
+                    x0=_inside(self.root, row[5], "left_path (column 5)", where),
+                    x1=_inside(self.root, row[6], "right_path (column 6)", where),
                     y=y,
                     group=group,
                     family=row[col["family"]].strip() if "family" in col else "",
