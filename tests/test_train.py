@@ -250,6 +250,38 @@ def test_a_diverging_run_stops_without_checkpointing_spoilt_weights(tmp_path, ph
     assert not (out / "checkpoints" / "last.pt").exists()
 
 
+@pytest.mark.parametrize(
+    "tamper, message",
+    [
+        (lambda c: c.update(step=10**9), "step 1000000000 of"),  # would "finish" an untrained run
+        (lambda c: c.update(step=-5), "step -5"),
+        (lambda c: c.pop("rng"), "'rng'"),
+        (lambda c: c.update(optimizer={}), "damaged training checkpoint"),
+        (lambda c: c["rng"].update(numpy={}), "damaged training checkpoint"),
+        (lambda c: c["model"].pop(next(iter(c["model"]))), "do not match"),
+        (lambda c: c["model"][next(iter(c["model"]))].fill_(float("nan")), "NaN"),
+    ],
+)
+def test_a_damaged_checkpoint_is_refused_in_one_line_and_kept(tmp_path, photos, fake_module, tamper, message):
+    from lipsim.train.finetune import load_init
+
+    module, _ = fake_module
+    out = tmp_path / "run"
+    run_distill(_distill_cfg(photos, out, steps=3, stop_after=1), teacher=module.FakeTeacher())
+    path = out / "checkpoints" / "last.pt"
+    ckpt = torch.load(path, weights_only=True)
+    tamper(ckpt)
+    torch.save(ckpt, path)
+    before = path.read_bytes()
+    with pytest.raises(ValueError, match=message) as info:
+        run_distill(_distill_cfg(photos, out, steps=3, resume=True), teacher=module.FakeTeacher())
+    assert "\n" not in str(info.value)
+    assert path.read_bytes() == before  # nothing lost: the run can be repaired or restarted
+    if message in ("do not match", "NaN"):  # a damaged checkpoint as --init of a fine-tuning
+        with pytest.raises(ValueError, match=message):
+            load_init(str(path))
+
+
 def test_sigkilled_cli_run_leaves_a_loadable_checkpoint_and_resumes(tmp_path, photos, fake_module):
     _, folder = fake_module
     out = tmp_path / "killed"

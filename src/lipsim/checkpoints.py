@@ -59,10 +59,10 @@ def _load_safetensors(path: Path, device, embedding: str | None) -> LipSim:
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
     config, mode = config_from_metadata(meta, path, embedding)
-    return _finish(_build_checked(config, mode, tensors, path), device)
+    return _finish(build_checked(config, mode, tensors, path), device)
 
 
-def _build_checked(config: ArchConfig, embedding: str, state: dict, path) -> LipSim:
+def build_checked(config: ArchConfig, embedding: str, state: dict, path) -> LipSim:
     """The model of ``config`` holding ``state``, after every key, shape and value of ``state`` was
     checked against the configuration: nothing is allocated for a file that does not hold it."""
     for key, value in state.items():
@@ -200,7 +200,7 @@ def load_published(path, out_dim: int = PUBLISHED_OUT_DIM, embedding: str = "pla
     except CheckpointError as exc:
         raise CheckpointError(f"{path}: {exc}") from None
     config = _published_config(state, out_dim, path)
-    return _finish(_build_checked(config, embedding, state, path), device)
+    return _finish(build_checked(config, embedding, state, path), device)
 
 
 def load(source=None, device="cpu", embedding: str | None = None, out_dim: int = PUBLISHED_OUT_DIM) -> LipSim:

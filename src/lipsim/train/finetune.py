@@ -28,8 +28,10 @@ from pathlib import Path
 
 import torch
 
-from ..archs import ArchConfig, build_backbone
+from ..archs import ArchConfig
+from ..checkpoints import build_checked
 from ..model import LipSim
+from ..spec import EMBEDDINGS, layer_plan
 from . import distributed
 from .loop import LoopConfig, TrainResult, TrainTask, check_run_folder, load_checkpoint, train
 
@@ -104,11 +106,14 @@ def _probe_torch_file(path: Path):
 def _model_from_checkpoint(ckpt: dict, where) -> LipSim:
     try:
         config = ArchConfig.from_json(ckpt["arch"])
-    except (KeyError, ValueError, TypeError) as exc:
-        raise ValueError(f"{where}: bad architecture in checkpoint ({exc})") from None
-    model = LipSim(build_backbone(config), embedding=ckpt.get("embedding", "append"))
-    model.backbone.load_state_dict(ckpt["model"], strict=True)
-    return model
+        layer_plan(config)
+    except (KeyError, ValueError, TypeError, RecursionError) as exc:
+        raise ValueError(f"{where}: bad architecture in checkpoint ({str(exc)[:200]})") from None
+    embedding = ckpt.get("embedding", "append")
+    if embedding not in EMBEDDINGS or not isinstance(ckpt.get("model"), dict):
+        raise ValueError(f"{where}: damaged checkpoint (embedding {embedding!r}, model weights)")
+    # keys, shapes, dtypes and values checked before anything is allocated
+    return build_checked(config, embedding, ckpt["model"], where)
 
 
 def load_init(

@@ -46,6 +46,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from ..checkpoints import save_model
 from ..errors import LipSimError
 from ..fileio import atomic_write
+from ..spec import check_state
 from .distributed import DistEnv, all_reduce_sum, any_rank, barrier
 
 __all__ = [
@@ -351,11 +352,54 @@ def load_checkpoint(path) -> dict:
         raise ValueError(f"{path}: not a readable training checkpoint ({msg[:160]})") from None
     if not isinstance(obj, dict) or obj.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path}: not a lipsim training checkpoint")
-    if int(obj.get("format_version", 0)) > CHECKPOINT_VERSION:
+    if type(obj.get("format_version", 0)) is not int:
+        raise ValueError(f"{path}: damaged training checkpoint (format_version is not an integer)")
+    if obj.get("format_version", 0) > CHECKPOINT_VERSION:
         raise ValueError(
             f"{path}: checkpoint format version {obj['format_version']} is newer than this lipsim"
         )
+    _check_checkpoint_fields(obj, path)
     return obj
+
+
+#: what a training checkpoint holds: key -> type (checked before anything is restored from it)
+_CHECKPOINT_FIELDS = {
+    "config": str,
+    "task": str,
+    "kind": str,
+    "model": dict,
+    "optimizer": dict,
+    "scheduler": dict,
+    "rng": dict,
+    "step": int,
+    "epoch": int,
+    "batch_in_epoch": int,
+    "total_steps": int,
+    "world_size": int,
+}
+
+
+def _check_checkpoint_fields(obj: dict, path) -> None:
+    """A damaged or hand-edited checkpoint fails here with one line, not halfway through a
+    resume (a step count past the run's end would otherwise 'finish' a run it never trained)."""
+    for key, kind in _CHECKPOINT_FIELDS.items():
+        if type(obj.get(key)) is not kind:
+            raise ValueError(f"{path}: damaged training checkpoint ({key!r}: missing or not {kind.__name__})")
+    if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj["model"].items()):
+        raise ValueError(f"{path}: damaged training checkpoint (model weights are not named tensors)")
+    if not 0 <= obj["step"] <= obj["total_steps"] or min(obj["epoch"], obj["batch_in_epoch"]) < 0:
+        raise ValueError(
+            f"{path}: damaged training checkpoint (step {obj['step']} of {obj['total_steps']}, "
+            f"epoch {obj['epoch']}, batch {obj['batch_in_epoch']})"
+        )
+    if obj["world_size"] < 1:
+        raise ValueError(f"{path}: damaged training checkpoint (world_size {obj['world_size']})")
+    for key in ("config", "task"):
+        try:
+            if not isinstance(json.loads(obj[key]), dict):
+                raise ValueError("not a JSON object")
+        except (ValueError, RecursionError) as exc:
+            raise ValueError(f"{path}: damaged training checkpoint ({key}: {exc})") from None
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -592,11 +636,20 @@ def train(task: TrainTask, cfg: LoopConfig, env: DistEnv) -> TrainResult:
     if cfg.resume:
         ckpt = load_checkpoint(ckpt_path)
         _check_resume(json.loads(ckpt["config"]), json.loads(ckpt["task"]), cfg, task, total, ckpt)
-        backbone.load_state_dict(ckpt["model"], strict=True)
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        if scaler.is_enabled() and ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
+        finite = lambda t: bool(torch.isfinite(t.float()).all())  # noqa: E731
+        check_state(ckpt["model"], backbone.config, ckpt_path, finite)
+        try:
+            backbone.load_state_dict(ckpt["model"], strict=True)
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scheduler.load_state_dict(ckpt["scheduler"])
+            if scaler.is_enabled() and ckpt.get("scaler"):
+                scaler.load_state_dict(ckpt["scaler"])
+            set_rng_state(ckpt["rng"])
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as exc:
+            first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
+            raise ValueError(
+                f"{ckpt_path}: damaged training checkpoint ({type(exc).__name__}: {first})"
+            ) from None
         step, epoch, pos = int(ckpt["step"]), int(ckpt["epoch"]), int(ckpt["batch_in_epoch"])
         wall_before = float(ckpt.get("wall", 0.0))
         saved_stats = ckpt.get("log_stats")
@@ -611,7 +664,6 @@ def train(task: TrainTask, cfg: LoopConfig, env: DistEnv) -> TrainResult:
                 int(ckpt["world_size"]),
                 world,
             )
-        set_rng_state(ckpt["rng"])
         del ckpt
         if env.is_main:
             _truncate_metrics(metrics_path, step)
