@@ -247,6 +247,48 @@ def test_cache_rejects_duplicate_keys_and_foreign_folders(tmp_path):
         EmbeddingCache(tmp_path / "other")
 
 
+def _edit_json(path, change):
+    obj = json.loads(path.read_text())
+    change(obj)
+    path.write_text(json.dumps(obj))
+
+
+@pytest.mark.parametrize(
+    "tamper, message",
+    [
+        # a negative offset used to wrap round and return another key's row
+        (lambda f: _edit_json(f / "meta.json", lambda m: m["shards"][0].update(start=2)), "shard entry 0"),
+        (lambda f: _edit_json(f / "meta.json", lambda m: m["shards"][0].update(file="../x.npy")), "entry"),
+        (lambda f: _edit_json(f / "meta.json", lambda m: m.pop("teacher")), "teacher"),
+        (lambda f: _edit_json(f / "meta.json", lambda m: m.update(dtype="foo")), "dtype"),
+        (lambda f: _edit_json(f / "meta.json", lambda m: m.update(shards=5)), "shards"),
+        (lambda f: _edit_json(f / "keys.json", lambda k: k.__setitem__(1, k[0])), "duplicate"),
+        (lambda f: np.save(f / "shard-00000.npy", np.zeros((4, 5), np.int32)), "expected float32"),
+        (lambda f: (f / "meta.json").write_text("[" * 100000), "damaged embedding cache"),
+    ],
+)
+def test_a_damaged_cache_is_refused_in_one_line(tmp_path, tamper, message):
+    folder = tmp_path / "c"
+    build_embedding_cache(TinyTeacher(), KeyedImages(6), folder, shard_size=4, progress=False)
+    tamper(folder)
+    with pytest.raises(ValueError, match=message) as info:
+        EmbeddingCache(folder)
+    assert "\n" not in str(info.value) and str(folder) in str(info.value)
+
+
+def test_cached_nan_rows_are_an_error_at_lookup(tmp_path):
+    folder = tmp_path / "c"
+    cache = build_embedding_cache(TinyTeacher(), KeyedImages(6), folder, shard_size=4, progress=False)
+    keys = cache.keys
+    rows = np.load(folder / "shard-00001.npy")
+    rows[1, 3] = np.nan
+    np.save(folder / "shard-00001.npy", rows)
+    cache = EmbeddingCache(folder)
+    cache.lookup(keys[:5])  # the untouched rows still serve
+    with pytest.raises(ValueError, match=f"{keys[5]!r} is NaN"):
+        cache.lookup(keys)
+
+
 # -- DreamSim adapter (error paths and wiring with a stand-in package) ------------------------------
 def _fake_dreamsim_package(calls: list):
     class FakeDreamSimModel(nn.Module):

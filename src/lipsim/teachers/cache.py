@@ -211,25 +211,57 @@ class EmbeddingCache:
                 f"{self.path} is not a finished embedding cache (no meta.json); "
                 "build it with build_embedding_cache"
             )
+        try:
+            self._open(meta_file)
+        except (KeyError, TypeError, ValueError, RecursionError, OSError) as exc:
+            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            if first.startswith(str(self.path)):
+                raise ValueError(first) from None
+            raise ValueError(f"{self.path}: damaged embedding cache ({first})") from None
+
+    def _open(self, meta_file: Path) -> None:
+        """Reads and checks meta.json, keys.json and the shards' headers (not their values: a
+        lookup checks the rows it returns)."""
         meta = json.loads(meta_file.read_text())
-        if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version") != VERSION:
             raise ValueError(f"{meta_file} is not a {FORMAT} v{VERSION} file")
+        teacher, dim, dtype, count, shards = (meta[k] for k in ("teacher", "dim", "dtype", "count", "shards"))
+        if not isinstance(teacher, str) or type(dim) is not int or dim < 1 or dtype not in DTYPES:
+            raise ValueError(f"teacher {teacher!r}, dim {dim!r} or dtype {dtype!r} is unusable")
+        if type(count) is not int or count < 0 or not isinstance(shards, list):
+            raise ValueError(f"count {count!r} or shards is unusable")
         self.meta = meta
-        self.teacher_name: str = meta["teacher"]
-        self.dim: int = int(meta["dim"])
-        self.dtype = np.dtype(meta["dtype"])
+        self.teacher_name: str = teacher
+        self.dim: int = dim
+        self.dtype = np.dtype(dtype)
         self._keys: list[str] = json.loads((self.path / "keys.json").read_text())
-        if len(self._keys) != meta["count"]:
-            raise ValueError(
-                f"{self.path}: keys.json has {len(self._keys)} keys, meta.json says {meta['count']}"
-            )
+        if not isinstance(self._keys, list) or not all(isinstance(k, str) for k in self._keys):
+            raise ValueError("keys.json is not a list of strings")
+        if len(self._keys) != count:
+            raise ValueError(f"{self.path}: keys.json has {len(self._keys)} keys, meta.json says {count}")
         self._row = {k: i for i, k in enumerate(self._keys)}
-        self._shards = [np.load(self.path / s["file"], mmap_mode="r") for s in meta["shards"]]
-        self._starts = np.array([s["start"] for s in meta["shards"]], dtype=np.int64)
-        for s, array in zip(meta["shards"], self._shards, strict=True):
-            if array.shape != (s["count"], self.dim):
+        if len(self._row) != len(self._keys):
+            raise ValueError("keys.json holds duplicate keys")
+        start = 0
+        for i, shard in enumerate(shards):  # contiguous, in order, our own file names only
+            if (
+                not isinstance(shard, dict)
+                or shard.get("file") != _shard_file(i)
+                or shard.get("start") != start
+            ):
+                raise ValueError(f"shard entry {i} is not {{file: {_shard_file(i)}, start: {start}, ...}}")
+            if type(shard.get("count")) is not int or shard["count"] < 0:
+                raise ValueError(f"shard entry {i} has no usable count")
+            start += shard["count"]
+        if start != count:
+            raise ValueError(f"the shards hold {start} rows, meta.json says {count}")
+        self._shards = [np.load(self.path / s["file"], mmap_mode="r", allow_pickle=False) for s in shards]
+        self._starts = np.array([s["start"] for s in shards], dtype=np.int64)
+        for s, array in zip(shards, self._shards, strict=True):
+            if array.shape != (s["count"], self.dim) or array.dtype != self.dtype:
                 raise ValueError(
-                    f"{self.path / s['file']}: shape {array.shape}, expected ({s['count']}, {self.dim})"
+                    f"{self.path / s['file']}: {array.dtype} {array.shape}, "
+                    f"expected {self.dtype} ({s['count']}, {self.dim})"
                 )
 
     def __len__(self) -> int:
@@ -259,6 +291,12 @@ class EmbeddingCache:
         for s in np.unique(shard):
             sel = shard == s
             out[sel] = self._shards[s][index[sel] - self._starts[s]]
+        bad = ~np.isfinite(out).all(axis=1)
+        if bad.any():
+            key = keys[int(np.flatnonzero(bad)[0])]
+            raise ValueError(
+                f"{self.path}: the cached embedding of {key!r} is NaN or infinite (rebuild the cache)"
+            )
         return torch.from_numpy(out)
 
     def __getitem__(self, key: str) -> torch.Tensor:
