@@ -30,6 +30,13 @@ def resolve_model_path(source=None) -> Path:
             )
         return path
     path = Path(source)
+    try:
+        return _existing_model_file(path, source)
+    except OSError as exc:  # a name too long, a symlink loop, no permission...
+        raise CheckpointError(f"{path}: cannot read ({exc.strerror or exc})") from None
+
+
+def _existing_model_file(path: Path, source) -> Path:
     if not path.exists():
         hint = (
             f" (architectures: {', '.join(list_archs())} are built with lipsim.create_model)"

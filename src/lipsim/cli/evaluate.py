@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import sys
 from pathlib import Path
 
+from ..fileio import write_text_atomic
 from . import CliError, add_model_args, emit, model_label, parse_eps_list, resolve_model
 
 DEFAULT_EPS_TEXT = "36/255,72/255,108/255"
@@ -76,13 +78,14 @@ def cmd_eval(args) -> int:
         text += "\n" + "\n".join(f"note: {c}" for c in payload["caveats"])
     if args.out:
         out = _out_dir(args.out)
-        (out / "results.json").write_text(json.dumps(payload, indent=2, default=float) + "\n")
-        with open(out / "per_triplet.csv", "w", newline="") as fh:
-            rows = res.rows()
-            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-        (out / "summary.md").write_text(report.eval_summary_markdown(payload))
+        write_text_atomic(out / "results.json", json.dumps(payload, indent=2, default=float) + "\n")
+        table = io.StringIO()
+        rows = res.rows()
+        writer = csv.DictWriter(table, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+        write_text_atomic(out / "per_triplet.csv", table.getvalue())
+        write_text_atomic(out / "summary.md", report.eval_summary_markdown(payload))
         written = ["results.json", "per_triplet.csv", "summary.md"]
         if res.radius is not None:
             title = f"{args.dataset.upper()} {split}: certified 2AFC score, metric {payload['model']}"
@@ -261,7 +264,7 @@ def cmd_attack_distance(args) -> int:
             series, eps, bound_value, out / "distance_hist.png", bound_label
         )
         payload["histogram"] = str(hist)
-        (out / "distances.json").write_text(json.dumps(payload, indent=2) + "\n")
+        write_text_atomic(out / "distances.json", json.dumps(payload, indent=2) + "\n")
         lines.append(f"wrote {hist.name}, distances.json to {out}")
     emit(args, payload, "\n".join(lines))
     if held is False:

@@ -39,7 +39,7 @@ import torch
 import torchvision.transforms.functional as TF
 from torchvision.transforms import InterpolationMode
 
-from ..fileio import atomic_write
+from ..fileio import atomic_write, write_text_atomic
 from ._io import jpeg_roundtrip, open_rgb, pil_to_tensor, quantize, save_png
 from .errors import DatasetError
 from .folders import list_images
@@ -541,10 +541,10 @@ def make_2afc(
         "families": counts,
         "right_vote_mean": float(np.mean(labels)),
     }
-    with open(out / "synthetic.json", "w", encoding="utf-8") as handle:
-        # no output path inside: the folder's bytes depend only on the seed and the photos
-        record = {k: v for k, v in summary.items() if k != "out"}
-        json.dump({**record, "photo_keys": keys, "triplets": meta}, handle, indent=1)
+    # no output path inside: the folder's bytes depend only on the seed and the photos
+    record = {k: v for k, v in summary.items() if k != "out"}
+    text = json.dumps({**record, "photo_keys": keys, "triplets": meta}, indent=1)
+    write_text_atomic(out / "synthetic.json", text)
 
     def write_csv(tmp: str) -> None:
         with open(tmp, "w", newline="", encoding="utf-8") as handle:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from ..fileio import atomic_write
 from . import scoring
 
 __all__ = [
@@ -323,7 +324,7 @@ def plot_certified(
     ax.legend(fontsize=8, loc="upper right")
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format=path.suffix[1:] or "png"))
     return path
 
 
@@ -391,5 +392,5 @@ def plot_distance_histogram(
         ax.grid(alpha=0.3)
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format=path.suffix[1:] or "png"))
     return path
