@@ -35,7 +35,7 @@ def test_written_files_follow_the_umask_not_mkstemp(tmp_path):
 def test_text_and_figures_are_written_atomically(tmp_path):
     from lipsim.evaluate import report
 
-    write_text_atomic(tmp_path / "r.json", "{\"a\": 1}\n")
+    write_text_atomic(tmp_path / "r.json", '{"a": 1}\n')
     assert (tmp_path / "r.json").read_text() == '{"a": 1}\n'
     # savefig to a temporary name must still pick the format from the target's suffix
     out = report.plot_distance_histogram({"m": [0.1, 0.2, 0.2]}, 0.5, 0.125, tmp_path / "h.png", "bound")
