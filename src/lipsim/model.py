@@ -29,15 +29,17 @@ __all__ = ["LipSim", "EMBEDDINGS", "exact_float32"]
 
 
 @contextlib.contextmanager
-def exact_float32() -> Iterator[None]:
-    """IEEE float32 for the block: autocast off (CPU and CUDA), no TF32/bf16 matmul or conv
-    precision, whatever the caller set (legacy or per-backend API); restored exactly afterwards."""
-    with _ieee_float32("cpu"):
-        if torch.cuda.is_available():
-            with _ieee_float32("cuda"):
-                yield
-        else:
-            yield
+def exact_float32(device_type: str | None = None) -> Iterator[None]:
+    """IEEE float32 for the block: autocast off (CPU, CUDA and ``device_type``, the device the
+    work runs on), no TF32/bf16 matmul or conv precision, whatever the caller set (legacy or
+    per-backend API); restored exactly afterwards."""
+    types = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    if device_type is not None and device_type not in types:
+        types.append(device_type)
+    with contextlib.ExitStack() as stack:
+        for kind in types:
+            stack.enter_context(_ieee_float32(kind))
+        yield
 
 
 def _batch(x, name: str) -> int:
@@ -103,7 +105,7 @@ class LipSim(nn.Module):
         for x, name in named:
             check_images(x, name, size=self.input_size)
         x = torch.cat([x.to(device=self.device, dtype=torch.float32) for x, _ in named])
-        with exact_float32():
+        with exact_float32(x.device.type):
             f = self.backbone(x).float()
         if not bool(torch.isfinite(f).all()):
             raise LipSimError(
