@@ -371,7 +371,11 @@ class Index:
     # -- adding ---------------------------------------------------------------------------------
     def add(self, items, paths=None, *, norms=None, batch_size: int = 32) -> None:
         """Adds images (B, 3, S, S) in [0, 1] (embedded by the attached model) or unit-norm
-        embeddings (B, D), with their names (default ``item-<id>``; names must be unique)."""
+        embeddings (B, D), with their names (default ``item-<id>``; names must be unique).
+
+        Embeddings given directly must come from the certified float32 path
+        (:meth:`lipsim.LipSim.embed`): the index cannot tell where vectors came from, and radii
+        computed over ``embed_fast`` (bf16) vectors promise nothing."""
         if isinstance(items, torch.Tensor) and items.dim() == 4:
             emb, fnorms = embed_images(self._need_model("add"), items, batch_size)
         else:
