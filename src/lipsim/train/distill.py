@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from ..archs import get_config
-from ..model import LipSim
+from ..model import LipSim, exact_float32
 from . import distributed
 from .loop import LoopConfig, TrainResult, TrainTask, check_run_folder, train
 
@@ -170,9 +170,9 @@ class DistillTask(TrainTask):
                     f"image {exc.args[0] if exc.args else '?'} is not in the embedding cache "
                     "(build the cache over the same --data-dir)"
                 ) from None
-        else:
-            with torch.no_grad():
-                t = self.teacher(view_a)
+        else:  # the targets in float32 even when the loop runs the student under autocast
+            with torch.no_grad(), exact_float32(view_a.device.type):
+                t = self.teacher(view_a.float())
         t = t.detach().to(self.env.device, torch.float32)
         if not self._checked:
             if t.shape != (view_a.shape[0], self.dim):
