@@ -368,6 +368,25 @@ def test_global_batch_must_divide_among_processes(tmp_path, photos, fake_module)
         LoopConfig(out="z").validate()
 
 
+@pytest.mark.parametrize("n_items, batch", [(11, 4), (95, 32), (63, 32), (64, 32)])
+def test_an_epoch_is_the_same_distinct_items_for_any_number_of_processes(n_items, batch):
+    """With n not a multiple of the batch, the padded sampler used to give 2 processes more steps
+    (items seen twice) than 1, and resuming across process counts was refused."""
+    from lipsim.train.loop import ResumableSampler, epoch_steps
+
+    steps = epoch_steps(n_items, batch)
+    seen = {}
+    for world in (1, 2, 4):
+        per_rank = batch // world
+        shares = [list(ResumableSampler(range(n_items), world, rank, seed=5)) for rank in range(world)]
+        window = [slice(j * per_rank, (j + 1) * per_rank) for j in range(steps)]
+        batches = [sorted(i for share in shares for i in share[w]) for w in window]
+        items = [i for b in batches for i in b]
+        assert len(items) == len(set(items)) == steps * batch  # distinct, whole batches
+        seen[world] = batches
+    assert seen[1] == seen[2] == seen[4]
+
+
 def test_torchrun_two_cpu_processes_with_resume(tmp_path, photos, fake_module):
     _, folder = fake_module
     out = tmp_path / "ddp"

@@ -284,6 +284,13 @@ class ResumableSampler(DistributedSampler):
         return max(self.num_samples - self.start, 0)
 
 
+def epoch_steps(n_items: int, batch_size: int) -> int:
+    """Steps in an epoch: whole global batches of distinct items, the same count for any number
+    of processes (the sampler pads its order with repeats to share it evenly among processes;
+    those positions are never reached), so a run resumes with another process count."""
+    return n_items // batch_size
+
+
 def _worker_init(worker_id: int) -> None:
     # Ctrl-C goes to the whole process group; only the main process handles it (and then stops
     # asking workers for data), so workers ignore it instead of dying mid-batch.
@@ -590,7 +597,7 @@ def train(task: TrainTask, cfg: LoopConfig, env: DistEnv) -> TrainResult:
     # -- data order and run length
     n_items = len(task.dataset)
     sampler = ResumableSampler(task.dataset, num_replicas=world, rank=env.rank, seed=cfg.seed)
-    steps_per_epoch = sampler.num_samples // per_rank
+    steps_per_epoch = epoch_steps(n_items, cfg.batch_size)
     if steps_per_epoch == 0:
         raise ValueError(
             f"the dataset has {n_items} items, fewer than one batch of {cfg.batch_size}: "
