@@ -150,6 +150,16 @@ def test_published_view_a_is_a_centre_crop_with_optional_flip():
     assert flips == {False, True}
 
 
+def test_cache_view_is_view_a_without_its_flip():
+    img = photo(5, 400, 300)
+    views = DistillViews("published")
+    crop = tensor_of(img)[:, 38:262, 88:312]
+    assert torch.equal(views.cache_view(img), crop)
+    assert torch.equal(views.cache_view(tensor_of(img)), crop)
+    whole = DistillViews("random-resized").cache_view(img)
+    assert whole.shape == (3, 224, 224) and float(whole.std()) > 0.05
+
+
 # --------------------------------------------------------------------------- NIGHT
 
 

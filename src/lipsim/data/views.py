@@ -107,6 +107,20 @@ class DistillViews:
         self.mode = mode
         self.size = int(size)
 
+    def cache_view(self, image) -> torch.Tensor:
+        """The deterministic view an embedding cache should hold for ``image`` (a PIL image or a
+        (3, H, W) tensor): view a's geometry without its random flip. "published": the centre
+        crop at native resolution, exactly view a's crop; "random-resized": the whole image
+        resized to ``size`` (the crops then vary around it, and the target does not follow
+        them). Use it as the transform of the dataset a cache is built from
+        (``ImageFolderDataset(root, transform=DistillViews(mode).cache_view)``)."""
+        s = self.size
+        if self.mode == "published":
+            crop = TF.center_crop(image, [s, s])
+        else:
+            crop = TF.resize(image, [s, s], interpolation=InterpolationMode.BICUBIC, antialias=True)
+        return pil_to_tensor(crop) if isinstance(crop, Image.Image) else crop.float().clamp(0.0, 1.0)
+
     def geometry(self, image, generator: torch.Generator | None = None) -> torch.Tensor:
         """View a: the crop (and flip) of ``image`` as a (3, size, size) tensor."""
         s = self.size
