@@ -69,8 +69,11 @@ def missing_weight_files(cache_dir: Path, dreamsim_type: str) -> list[str]:
 class DreamSimTeacher(Teacher):
     """DreamSim embedding ``model.embed(x)`` of 224x224 inputs (resized bilinearly when needed).
 
-    The embedding is returned exactly as DreamSim computes it with ``normalize_embeds=True`` (for
-    dreamsim >= 0.2: centred, then unit norm), which is the target the published LipSim distils into.
+    The embedding is returned exactly as the installed DreamSim computes it with
+    ``normalize_embeds=True``. That order changed (lipsim-method.md §1.7): releases up to 0.2.0,
+    and the copy vendored in the LipSim code that made the published targets, divide by the norm
+    and then centre (norms at most 1); later releases centre and then divide (unit norm). The
+    published targets are reproduced only with a release up to 0.2.0.
     """
 
     def __init__(
