@@ -299,7 +299,6 @@ def test_eval_bapps_json_matches_direct_recomputation(bapps_dir, model_path, mod
             s = _hand_score(float(c.d0[0]), float(c.d1[0]), y)
             scores.append(s)
             cert.append(s if float(c.radius[0]) > 0.002 else 0.0)
-        # labels are read as float32 by the loader: 1e-7 tolerance
         assert out["groups"][category]["natural_2afc"] == pytest.approx(sum(scores) / len(scores), abs=1e-6)
         assert out["groups"][category]["certified"][0]["score"] == pytest.approx(
             sum(cert) / len(cert), abs=1e-6
@@ -313,6 +312,45 @@ def test_eval_bapps_json_matches_direct_recomputation(bapps_dir, model_path, mod
     assert [c["eps"] for c in published["certified"]] == pytest.approx([18 / 255, 36 / 255, 54 / 255])
     summary = (tmp_path / "b" / "summary.md").read_text()
     assert "[−1, 1]" in summary and "73.47" in summary and "≈4,700" in summary
+
+
+def _results(y, closer, radius, d0=None, d1=None, groups=None):
+    from lipsim.evaluate.twoafc import TripletResults
+
+    n = len(y)
+    d0 = torch.zeros(n, dtype=torch.float64) if d0 is None else torch.tensor(d0, dtype=torch.float64)
+    d1 = torch.ones(n, dtype=torch.float64) if d1 is None else torch.tensor(d1, dtype=torch.float64)
+    return TripletResults(
+        ids=[str(i) for i in range(n)],
+        groups=groups or ["cnn"] * n,
+        families=[""] * n,
+        y=torch.tensor(y, dtype=torch.float64),
+        d0=d0,
+        d1=d1,
+        closer=torch.tensor(closer),
+        radius=torch.tensor(radius, dtype=torch.float64),
+    )
+
+
+def test_bapps_published_units_use_the_reference_evaluators_score():
+    """The reference counts a certified triplet 1 when the metric agrees with the judges'
+    majority; the fractional score (0.7 here) was shown beside its numbers instead."""
+    from lipsim.evaluate.twoafc import _bapps_published_units
+
+    res = _results([0.6, 0.8, 0.6, 0.8, 0.2], closer=[1, 1, 1, 1, 1], radius=[0.6, 0.6, 0.6, 0.6, 0.6])
+    out = _bapps_published_units(res, [36 / 255])["certified"][0]
+    assert out["score"] == pytest.approx(4 / 5)  # the minority answer (y = 0.2) counts 0
+    assert out["score_fractional"] == pytest.approx((0.6 + 0.8 + 0.6 + 0.8 + 0.2) / 5)
+    uncertified = _results([0.8], closer=[1], radius=[0.05])  # 0.05 < (36/255)/2
+    assert _bapps_published_units(uncertified, [36 / 255])["certified"][0]["score"] == 0.0
+
+
+def test_scores_take_ties_from_the_answers_not_from_float_noise():
+    """x0 = x1 = ref: the certificate calls it a tie (TIE_TOL), whatever the batch's rounding
+    left in d0 and d1; the score used to follow d0 < d1 (0.0 in a batch of 3, 0.5 alone)."""
+    res = _results([1.0], closer=[-1], radius=[0.0], d0=[1.1e-16], d1=[2.7e-13])
+    assert float(res.scores[0]) == 0.5
+    assert res.rows()[0]["score"] == 0.5
 
 
 def test_eval_text_limit_and_errors(night_dir, model_path, capsys):

@@ -1,7 +1,7 @@
 """Dataset readers (one module per folder layout) and the synthetic 2AFC generator.
 
 Every 2AFC dataset (``NightDataset``, ``BappsDataset``) yields the same item dict:
-``{"ref", "x0", "x1"}`` -> (3, S, S) float32 tensors in [0, 1], ``"y"`` -> float32 scalar tensor
+``{"ref", "x0", "x1"}`` -> (3, S, S) float32 tensors in [0, 1], ``"y"`` -> float64 scalar tensor
 (fraction of judges preferring ``x1``), ``"id"``, ``"group"``, ``"family"`` -> str.
 Nothing here touches the network.
 """

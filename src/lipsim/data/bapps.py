@@ -71,7 +71,9 @@ def _read_judge(path: Path) -> float:
         raise DatasetError(f"{path}: expected a real number, got an array of dtype {value.dtype}")
     if value.size != 1:
         raise DatasetError(f"{path}: expected one fraction in [0, 1], got an array of shape {value.shape}")
-    y = float(value.reshape(-1)[0])
+    item = value.reshape(-1)[0]
+    # the shortest decimal of the stored float (a float32 0.8 is 0.8, not 0.800000011920929)
+    y = float(np.format_float_positional(item, unique=True)) if value.dtype.kind == "f" else float(item)
     if not (math.isfinite(y) and 0.0 <= y <= 1.0):
         raise DatasetError(f"{path}: expected one fraction in [0, 1], got {y}")
     return y
@@ -87,7 +89,7 @@ class BappsDataset(TripletDataset):
     and the stems must agree (``000123.png`` with ``000123.npy``).
 
     Item ``i`` is ``{"ref", "x0", "x1"}`` -> (3, size, size) float32 tensors in [0, 1] (``x0`` =
-    p0, ``x1`` = p1), ``"y"`` -> float32 scalar tensor, the fraction preferring p1, ``"id"`` ->
+    p0, ``x1`` = p1), ``"y"`` -> float64 scalar tensor, the fraction preferring p1, ``"id"`` ->
     ``"<category>/<stem>"``, ``"group"`` -> the category, ``"family"`` -> ``""``. Judgement files
     are read at construction and checked to hold one value in [0, 1].
     """

@@ -45,13 +45,13 @@ class TripletRecord:
 
 def load_triplet(record: TripletRecord, size: int = 224) -> dict:
     """Loads a triplet as the item dict every 2AFC dataset returns:
-    ``{"ref", "x0", "x1": (3, size, size) float32 in [0, 1], "y": float32 scalar tensor,
+    ``{"ref", "x0", "x1": (3, size, size) float32 in [0, 1], "y": float64 scalar tensor,
     "id": str, "group": str, "family": str}``."""
     return {
         "ref": load_image(record.ref, size)[0],
         "x0": load_image(record.x0, size)[0],
         "x1": load_image(record.x1, size)[0],
-        "y": torch.tensor(record.y, dtype=torch.float32),
+        "y": torch.tensor(record.y, dtype=torch.float64),  # k/5 fractions exactly (0.8, not 0.80000001)
         "id": record.id,
         "group": record.group,
         "family": record.family,
@@ -115,7 +115,7 @@ class NightDataset(TripletDataset):
     as in the dataset's own loader).
 
     Item ``i`` is ``{"ref", "x0", "x1"}`` -> (3, size, size) float32 tensors in [0, 1] (bicubic
-    resize), ``"y"`` -> float32 scalar tensor, the fraction of judges preferring ``x1`` (the
+    resize), ``"y"`` -> float64 scalar tensor, the fraction of judges preferring ``x1`` (the
     right image), ``"id"`` -> str, ``"group"`` -> ``"test_imagenet"``/``"test_no_imagenet"`` for
     test rows, else the split name, ``"family"`` -> the ``family`` column or ``""``.
 

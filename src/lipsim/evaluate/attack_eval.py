@@ -90,8 +90,8 @@ def run_attack(
     if not ids:
         raise ValueError("the dataset holds no triplets")
     t = {k: torch.cat(v) for k, v in acc.items() if v}
-    clean = scoring.score_2afc(t["d0"], t["d1"], t["y"])
-    raw_attacked = scoring.score_2afc(t["d0_adv"], t["d1_adv"], t["y"])
+    clean = scoring.score_from_decision(t["closer"], t["y"])
+    raw_attacked = scoring.score_from_decision(t["closer_adv"], t["y"])
     attacked = scoring.worse_of(clean, raw_attacked)
     flipped = t["closer"] != t["closer_adv"]
     budget = settings.eps if settings.norm == "l2" else linf_to_l2(settings.eps, image_shape)

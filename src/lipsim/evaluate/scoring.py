@@ -25,6 +25,7 @@ import torch
 __all__ = [
     "as_vector",
     "score_2afc",
+    "score_from_decision",
     "natural_score",
     "certified_mask",
     "certified_score",
@@ -58,13 +59,19 @@ def _same_length(**vectors: torch.Tensor) -> int:
 
 def score_2afc(d0, d1, y) -> torch.Tensor:
     """Per-triplet 2AFC score ``1[d0<d1]·(1-y) + 1[d1<d0]·y + ½·1[d0=d1]`` (float64, shape (N,))."""
-    d0, d1, y = as_vector(d0, "d0"), as_vector(d1, "d1"), as_vector(y, "y")
-    _same_length(d0=d0, d1=d1, y=y)
+    return score_from_decision(decision(d0, d1), y)
+
+
+def score_from_decision(closer, y) -> torch.Tensor:
+    """The 2AFC score of answers ``closer`` (0: x0, 1: x1, -1: tie, as from :func:`decision` or
+    a certificate, whose ties allow for float32 noise): ``1[x0]·(1-y) + 1[x1]·y + ½·1[tie]``."""
+    closer, y = as_vector(closer, "closer"), as_vector(y, "y")
+    _same_length(closer=closer, y=y)
     if ((y < 0) | (y > 1)).any():
         raise ValueError("y: human preferences must be fractions in [0, 1]")
-    x0_closer = (d0 < d1).to(torch.float64)
-    x1_closer = (d1 < d0).to(torch.float64)
-    tie = (d0 == d1).to(torch.float64)
+    x0_closer = (closer == 0).to(torch.float64)
+    x1_closer = (closer == 1).to(torch.float64)
+    tie = (closer == -1).to(torch.float64)
     return x0_closer * (1.0 - y) + x1_closer * y + 0.5 * tie
 
 

@@ -98,7 +98,8 @@ class TripletResults:
 
     @property
     def scores(self) -> torch.Tensor:
-        return scoring.score_2afc(self.d0, self.d1, self.y)
+        # from the answers: a certificate's ties allow for float32 noise, which d0 == d1 would not
+        return scoring.score_from_decision(self.closer, self.y)
 
     def rows(self) -> list[dict]:
         """One dict per triplet (for CSV export)."""
@@ -176,7 +177,10 @@ def _bapps_published_units(res: TripletResults, eps_list: Sequence[float] = DEFA
     """Our certified BAPPS score in the units of the published one, at the published ε (36/72/108 /255).
 
     The reference code fed BAPPS images in [-1, 1], so its radii are twice ours: its ε equals our
-    ε/2 (lipsim-method.md §1.11-5); it also used only traditional + cnn, count-weighted.
+    ε/2 (lipsim-method.md §1.11-5); it also used only traditional + cnn, count-weighted. Its score
+    is the reference evaluator's (§1.9): a triplet counts 1 when the metric agrees with the
+    judges' majority ``round(y)`` (ties to "x0", as its argmax) and is certified, else 0; the
+    fractional 2AFC score under the same certificate is given beside it as ``score_fractional``.
     """
     if res.radius is None:
         return None
@@ -185,6 +189,7 @@ def _bapps_published_units(res: TripletResults, eps_list: Sequence[float] = DEFA
         return None
     idx = torch.tensor(keep, dtype=torch.long)
     scores, radius = res.scores[idx], res.radius[idx]
+    majority = res.closer[idx] == torch.round(res.y[idx]).long()  # a tie (-1) never agrees
     return {
         "categories": sorted({res.groups[i] for i in keep}, key=BAPPS_CERTIFIED_CATEGORIES.index),
         "n": len(keep),
@@ -193,7 +198,8 @@ def _bapps_published_units(res: TripletResults, eps_list: Sequence[float] = DEFA
             {
                 "eps_published_units": float(e),
                 "eps": float(e) / 2,
-                "score": scoring.certified_score(scores, radius, e / 2),
+                "score": float((majority & scoring.certified_mask(radius, e / 2)).double().mean()),
+                "score_fractional": scoring.certified_score(scores, radius, e / 2),
             }
             for e in eps_list
         ],

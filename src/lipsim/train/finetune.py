@@ -214,7 +214,7 @@ class FinetuneTask(TrainTask):
         ref = batch["ref"].to(device, non_blocking=True)
         x0 = batch["x0"].to(device, non_blocking=True)
         x1 = batch["x1"].to(device, non_blocking=True)
-        y = batch["y"].to(device, non_blocking=True)
+        y = batch["y"].to(device, torch.float32, non_blocking=True)
         n = ref.shape[0]
         f = net(torch.cat([ref, x0, x1])).float()
         g = self.model._normalise(f)
