@@ -294,6 +294,16 @@ def test_a_damaged_checkpoint_is_refused_in_one_line_and_kept(tmp_path, photos, 
             load_init(str(path))
 
 
+def test_resuming_with_another_teacher_is_refused(tmp_path, photos, fake_module):
+    module, _ = fake_module
+    out = tmp_path / "run"
+    run_distill(_distill_cfg(photos, out, steps=3, stop_after=1), teacher=module.FakeTeacher())
+    other = module.FakeTeacher()
+    other.name = "another-teacher"  # same dimension: only its identity differs
+    with pytest.raises(ValueError, match="teacher_name"):
+        run_distill(_distill_cfg(photos, out, steps=3, resume=True), teacher=other)
+
+
 def test_sigkilled_cli_run_leaves_a_loadable_checkpoint_and_resumes(tmp_path, photos, fake_module):
     _, folder = fake_module
     out = tmp_path / "killed"

@@ -143,7 +143,8 @@ class DistillTask(TrainTask):
     kind = "distill"
     images_per_item = 1
     stat_reduce = {"loss": "mean", "rmse_a": "mean", "rmse_b": "mean", "target_norm": "mean"}
-    locked = ("arch", "teacher_dim", "views", "target_scale", "dataset_items")
+    # teacher_name: the same teacher online or through its cache, never another one
+    locked = ("arch", "teacher_name", "teacher_dim", "views", "target_scale", "dataset_items")
 
     def __init__(self, cfg: DistillConfig, teacher, env: distributed.DistEnv, student: LipSim | None = None):
         from ..data import DistillDataset

@@ -184,7 +184,8 @@ class FinetuneTask(TrainTask):
     kind = "finetune"
     images_per_item = 3
     stat_reduce = {"loss": "sum", "2afc": "mean"}
-    locked = ("dataset", "margin", "split", "dataset_items")
+    # what selects the data and the objective: a resume with other values would train another run
+    locked = ("dataset", "margin", "split", "dataset_items", "min_votes", "categories")
 
     def __init__(self, cfg: FinetuneConfig, env: distributed.DistEnv, model: LipSim | None = None):
         self.cfg = cfg
@@ -226,11 +227,14 @@ class FinetuneTask(TrainTask):
         return loss * env.world_size, stats
 
     def describe(self) -> dict:
+        bapps_categories = self.cfg.categories if self.cfg.dataset == "bapps" else None
         return {
             "dataset": self.cfg.dataset,
             "data_dir": str(self.cfg.data_dir),
             "split": self.cfg.split,
             "margin": self.cfg.margin,
+            "min_votes": self.cfg.min_votes if self.cfg.dataset == "night" else None,
+            "categories": list(bapps_categories) if bapps_categories else None,
             "init": str(self.cfg.init),
             "arch": self.model.arch,
             "embedding": self.model.embedding,
