@@ -209,6 +209,18 @@ def test_rescaling_of_16_bit_parameters_is_computed_in_float32(dtype):
     assert (conv._scale().double() <= exact_conv * (1 + 1e-6)).all()
 
 
+def test_cached_rescaling_survives_autocast():
+    """embed_fast runs under a bf16 autocast: the fingerprint must not round differently there,
+    or every fp32/bf16 alternation recomputed T and refolded the fused weights (the benchmark's
+    fused fp32 row fell from ~155 to ~123 images/s)."""
+    for layer in (SLLConv2d(6, 4), SLLLinear(12, 5)):
+        layer.eval().requires_grad_(False)
+        scale = layer._scale()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert layer._scale() is scale
+        assert layer._scale() is scale
+
+
 def test_shift_is_an_isometry():
     from lipsim.layers import Shift
 

@@ -182,7 +182,10 @@ def _fingerprint(params: tuple[torch.Tensor, ...]) -> torch.Tensor:
     FLOAT_SLACK. An edit built to keep every row's weighted sum and norm would go unseen too:
     the guard is for writes PyTorch cannot track (``.data``, NumPy views), not for adversaries
     holding the weights."""
-    with torch.no_grad():
+    # autocast off: under a bf16 autocast the matrix-vector product would round differently from
+    # the float32 one, every fingerprint would look like an edit, and T would be recomputed (and
+    # the fused weights refolded) on every forward
+    with torch.no_grad(), torch.autocast(params[0].device.type, enabled=False):
         parts = []
         for p in params:
             rows = p.reshape(p.shape[0], -1) if p.dim() > 1 else p.reshape(1, -1)
