@@ -148,6 +148,28 @@ def test_bf16_fast_path_runs_on_cpu(images):
     assert rel_err(e16, e32) < 3e-2 and rel_err(e16, e16_plain) < 3e-2
 
 
+def test_alternating_float32_and_bf16_calls_keep_both_folded_weights(images, monkeypatch):
+    """Certified embeddings and bf16 ranking in turn (retrieval does this) used to refold and
+    re-pack every SLL convolution's weights on each switch."""
+    model = fast.optimize(randomise(lipsim.create_model("tiny-s2d"), seed=4).requires_grad_(False))
+    model.embed(images), model.embed_fast(images)
+    folds = []
+    original = fast._fold
+
+    def counting(*args):
+        folds.append(args)
+        return original(*args)
+
+    monkeypatch.setattr(fast, "_fold", counting)
+    for _ in range(3):
+        model.embed(images), model.embed_fast(images)
+    assert not folds
+    with torch.no_grad():  # a weight change still refolds
+        dict(model.backbone.lipschitz_layers())["stage0.0"].bias.add_(0.1)
+    model.embed(images)
+    assert len(folds) == 1
+
+
 # -- the rescaling cache ------------------------------------------------------------------------
 
 

@@ -88,8 +88,9 @@ def is_optimized(model: nn.Module) -> bool:
 # -- kernels -----------------------------------------------------------------------------------
 
 
-#: per layer: (the cached scale it was derived from, dtype, kernel set, derived tensors); weakly
-#: keyed, so nothing is added to the layers themselves (pickling and deep copies are unaffected)
+#: per layer: {(dtype, kernel set): (the cached scale it was derived from, derived tensors)}, so
+#: that alternating certified float32 and bf16 calls keep both; weakly keyed, so nothing is added
+#: to the layers themselves (pickling and deep copies are unaffected)
 _FOLDED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -100,9 +101,21 @@ def _folded_conv(layer: SLLConv2d, x: torch.Tensor, kernels: str) -> tuple:
     for Triton they are laid out tap by tap (:func:`lipsim.triton_kernels.fold_weights`)."""
     scale = layer._scale()
     dtype = x.dtype
-    memo = _FOLDED.get(layer)
-    if memo is not None and memo[0] is scale and memo[1] == dtype and memo[2] == kernels:
-        return memo[3]
+    memo = _FOLDED.setdefault(layer, {})
+    entry = memo.get((dtype, kernels))
+    if entry is not None and entry[0] is scale:
+        return entry[1]
+    out = _fold(layer, scale, x, kernels)
+    # holding ``scale`` keeps its identity unique while the entry lives; entries derived from an
+    # older scale are dropped
+    for key in [k for k, v in memo.items() if v[0] is not scale]:
+        del memo[key]
+    memo[(dtype, kernels)] = (scale, out)
+    return out
+
+
+def _fold(layer: SLLConv2d, scale: torch.Tensor, x: torch.Tensor, kernels: str) -> tuple:
+    dtype = x.dtype
     with torch.inference_mode(False), torch.no_grad():
         kernel = layer.kernel.detach()
         pad = kernel.shape[-1] // 2
@@ -122,8 +135,6 @@ def _folded_conv(layer: SLLConv2d, x: torch.Tensor, kernels: str) -> tuple:
                     k2, p, one, one, 1, [size[0], k2.shape[1]] + size[2:]
                 )
             out = (k1, b1, k2, pad)
-    # holding ``scale`` keeps its identity unique while the entry lives
-    _FOLDED[layer] = (scale, dtype, kernels, out)
     return out
 
 
