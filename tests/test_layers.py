@@ -221,6 +221,20 @@ def test_cached_rescaling_survives_autocast():
         assert layer._scale() is scale
 
 
+def test_training_rescaling_is_float32_under_autocast():
+    """With gradients flowing (training under --amp), T is still summed in float32."""
+    torch.manual_seed(0)
+    for layer in (SLLConv2d(6, 4), SLLLinear(12, 5)):
+        with torch.no_grad():
+            for p in layer.parameters():
+                p.copy_(torch.randn(p.shape))
+        exact = layer._scale()  # gradients on: recomputed, float32
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            under_amp = layer._scale()
+        assert under_amp.dtype == torch.float32 and torch.equal(under_amp, exact)
+        under_amp.sum().backward()  # still differentiable
+
+
 def test_shift_is_an_isometry():
     from lipsim.layers import Shift
 

@@ -217,9 +217,12 @@ class _CachedRescaling(LipschitzModule):
     def _scale(self) -> torch.Tensor:
         params = tuple(self.parameters())
         needs_graph = torch.is_grad_enabled() and any(p.requires_grad for p in params)
-        if needs_graph:
-            return 2.0 * safe_inverse(self._rescaling())
         device_type = params[0].device.type
+        if needs_graph:
+            # float32 even under a training autocast: a bf16 Gram matrix can fall below WWᵀ, and
+            # the network trained would then not be the 1-Lipschitz one that is saved
+            with torch.autocast(device_type, enabled=False):
+                return 2.0 * safe_inverse(self._rescaling())
         if any(p.is_inference() for p in params):  # no version counters to watch: never cache
             with torch.no_grad(), _ieee_float32(device_type):
                 return 2.0 * safe_inverse(self._rescaling())
