@@ -62,13 +62,19 @@ def _load_safetensors(path: Path, device, embedding: str | None) -> LipSim:
     return _finish(build_checked(config, mode, tensors, path), device)
 
 
+def finite_in_float32(t: torch.Tensor) -> bool:
+    """Whether every entry of ``t`` is finite once in float32, the precision the network runs in
+    (a float64 weight of 1e300 is finite in its file and infinite in the model)."""
+    return bool(torch.isfinite(t.float()).all())
+
+
 def build_checked(config: ArchConfig, embedding: str, state: dict, path) -> LipSim:
     """The model of ``config`` holding ``state``, after every key, shape and value of ``state`` was
     checked against the configuration: nothing is allocated for a file that does not hold it."""
     for key, value in state.items():
         if not isinstance(value, torch.Tensor):
             raise CheckpointError(f"{path}: entry {key!r} is not a tensor")
-    check_state(state, config, path, lambda t: bool(torch.isfinite(t.float()).all()))
+    check_state(state, config, path, finite_in_float32)
     model = LipSim(build_backbone(config), embedding=embedding)
     model.backbone.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
     return model

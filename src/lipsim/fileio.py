@@ -13,7 +13,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["atomic_write", "write_text_atomic"]
+__all__ = ["atomic_write", "write_text_atomic", "write_npy_atomic"]
 
 
 def _umask() -> int:
@@ -49,5 +49,16 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     def write(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8", newline="") as fh:
             fh.write(text)
+
+    atomic_write(path, write)
+
+
+def write_npy_atomic(path: str | os.PathLike, array) -> None:
+    """Saves ``array`` as a ``.npy`` file at ``path`` through :func:`atomic_write`."""
+    import numpy as np
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as fh:
+            np.save(fh, array)
 
     atomic_write(path, write)

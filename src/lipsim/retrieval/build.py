@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from ..errors import LipSimError
-from ..fileio import atomic_write
+from ..fileio import write_npy_atomic, write_text_atomic
 from ..images import IMAGE_EXTENSIONS, load_image
 from .identity import ModelIdentity
 from .index import UNIT_TOL, Index, IndexFormatError, _first_line, _is_pairs, embed_images
@@ -151,22 +151,6 @@ class BuildReport:
     index: Index
 
 
-def _write_text(text: str):
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(text)
-
-    return write
-
-
-def _write_npy(arr: np.ndarray):
-    def write(tmp):
-        with open(tmp, "wb") as fh:
-            np.save(fh, arr)
-
-    return write
-
-
 def _read_chunks(partial: Path, identity: ModelIdentity, root: Path) -> list[dict]:
     """Finished chunk records of an interrupted build, after checking it is the same build."""
     manifest = partial / "manifest.json"
@@ -264,7 +248,7 @@ def index_folder(
     if not partial.is_dir():
         partial.mkdir(parents=True)
         manifest = {"model": identity.as_dict(), "root": str(root)}
-        atomic_write(partial / "manifest.json", _write_text(json.dumps(manifest)))
+        write_text_atomic(partial / "manifest.json", json.dumps(manifest))
 
     number = max((rec["number"] for rec in records), default=-1) + 1
     buf_paths: list[str] = []
@@ -280,10 +264,10 @@ def index_folder(
         stem = f"chunk-{number:06d}"
         emb = np.concatenate(buf_emb) if buf_emb else np.zeros((0, identity.dim), np.float32)
         nrm = np.concatenate(buf_norms) if buf_norms else np.zeros((0,), np.float32)
-        atomic_write(partial / f"{stem}.emb.npy", _write_npy(emb))
-        atomic_write(partial / f"{stem}.norms.npy", _write_npy(nrm))
+        write_npy_atomic(partial / f"{stem}.emb.npy", emb)
+        write_npy_atomic(partial / f"{stem}.norms.npy", nrm)
         rec = {"paths": list(buf_paths), "skipped": [list(s) for s in buf_skipped]}
-        atomic_write(partial / f"{stem}.json", _write_text(json.dumps(rec, ensure_ascii=False)))
+        write_text_atomic(partial / f"{stem}.json", json.dumps(rec, ensure_ascii=False))
         rec.update(emb=partial / f"{stem}.emb.npy", norms=partial / f"{stem}.norms.npy", number=number)
         new_records.append(rec)
         number += 1

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .. import certify
 from ..errors import LipSimError
 from .certificate import pair_threshold_radius, search_allowance, threshold_reach
 from .index import _check_unit
@@ -120,8 +121,7 @@ def find_near_duplicates(
 
     if not 0.0 < threshold < 2.0:
         raise ValueError("the threshold must lie in (0, 2) (distances are 1 - cosine)")
-    if not eps >= 0:  # NaN too
-        raise ValueError("eps must be a non-negative number")
+    eps = certify.check_eps(eps)
     emb = np.ascontiguousarray(embeddings, dtype=np.float32)
     if emb.ndim != 2:
         raise ValueError(f"embeddings must be (N, D), got shape {emb.shape}")

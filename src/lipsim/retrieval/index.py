@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from ..errors import LipSimError
-from ..fileio import atomic_write
+from ..fileio import atomic_write, write_npy_atomic, write_text_atomic
 from .certificate import search_allowance, top1_radius
 from .identity import ModelIdentity
 
@@ -588,24 +588,9 @@ class Index:
             arr.flush()
             del arr
 
-        def write_npy(value):
-            def write(tmp):
-                with open(tmp, "wb") as fh:
-                    np.save(fh, value)
-
-            return write
-
-        def write_text(text):
-            def write(tmp):
-                with open(tmp, "w", encoding="utf-8") as fh:
-                    fh.write(text)
-
-            return write
-
         atomic_write(_data_file(path, "embeddings", generation), write_embeddings)
-        atomic_write(_data_file(path, "norms", generation), write_npy(np.asarray(self.norms, np.float32)))
-        paths_text = json.dumps(self._paths, ensure_ascii=False)
-        atomic_write(_data_file(path, "paths", generation), write_text(paths_text))
+        write_npy_atomic(_data_file(path, "norms", generation), np.asarray(self.norms, np.float32))
+        write_text_atomic(_data_file(path, "paths", generation), json.dumps(self._paths, ensure_ascii=False))
         hnsw_file = _data_file(path, "hnsw", generation)
         if self.approximate == "hnsw" and n:
             import faiss
@@ -629,7 +614,7 @@ class Index:
             },
             "info": self.info,
         }
-        atomic_write(path / "meta.json", write_text(json.dumps(meta, indent=1, ensure_ascii=False)))
+        write_text_atomic(path / "meta.json", json.dumps(meta, indent=1, ensure_ascii=False))
         for file in path.iterdir():  # other generations and the version-1 names
             match = _DATA_FILE.fullmatch(file.name)
             if match and match[2] != f"-{generation}":

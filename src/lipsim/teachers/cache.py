@@ -28,7 +28,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
-from ..fileio import atomic_write
+from ..fileio import atomic_write, write_text_atomic
 from .base import Teacher
 
 FORMAT = "lipsim-embedding-cache"
@@ -45,11 +45,7 @@ def _shard_keys_file(i: int) -> str:
 
 
 def _write_json(path: Path, obj) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=None if isinstance(obj, list) else 1)
-
-    atomic_write(path, write)
+    write_text_atomic(path, json.dumps(obj, indent=None if isinstance(obj, list) else 1))
 
 
 def _device_of(teacher: torch.nn.Module) -> torch.device:

@@ -43,9 +43,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-from ..checkpoints import save_model
+from ..checkpoints import finite_in_float32, save_model
 from ..errors import LipSimError
-from ..fileio import atomic_write
+from ..fileio import atomic_write, write_text_atomic
 from ..spec import check_state
 from .distributed import DistEnv, all_reduce_sum, any_rank, barrier
 
@@ -420,7 +420,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
                 kept.append(line)
         except (ValueError, KeyError, TypeError):
             continue
-    atomic_write(path, lambda tmp: Path(tmp).write_text("".join(k + "\n" for k in kept), encoding="utf-8"))
+    write_text_atomic(path, "".join(k + "\n" for k in kept))
 
 
 def plot_metrics(metrics_path: Path, png_path: Path, title: str = "") -> None:
@@ -643,8 +643,7 @@ def train(task: TrainTask, cfg: LoopConfig, env: DistEnv) -> TrainResult:
     if cfg.resume:
         ckpt = load_checkpoint(ckpt_path)
         _check_resume(json.loads(ckpt["config"]), json.loads(ckpt["task"]), cfg, task, total, ckpt)
-        finite = lambda t: bool(torch.isfinite(t.float()).all())  # noqa: E731
-        check_state(ckpt["model"], backbone.config, ckpt_path, finite)
+        check_state(ckpt["model"], backbone.config, ckpt_path, finite_in_float32)
         try:
             backbone.load_state_dict(ckpt["model"], strict=True)
             optimizer.load_state_dict(ckpt["optimizer"])
@@ -709,9 +708,7 @@ def train(task: TrainTask, cfg: LoopConfig, env: DistEnv) -> TrainResult:
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
         if not cfg.resume or not (out / "config.json").exists():
-            atomic_write(
-                out / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(run_info, indent=2) + "\n")
-            )
+            write_text_atomic(out / "config.json", json.dumps(run_info, indent=2) + "\n")
         log.info(
             "%s: %d items, %d steps (%d per epoch), global batch %d = %d process(es) × %d, device %s%s",
             task.kind, n_items, total, steps_per_epoch, cfg.batch_size, world, per_rank, env.device,
