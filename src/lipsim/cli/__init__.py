@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     from lipsim.errors import LipSimError
 
     try:
-        if getattr(args, "device", "cpu") != "cpu":
+        if getattr(args, "device", "cpu") not in ("cpu", "auto"):
             check_device(args.device)
         result = args.func(args)
         return int(result or 0)
