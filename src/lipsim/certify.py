@@ -10,7 +10,8 @@ Movement bound. Let ``ρ(ε)`` bound ``‖g(x+δ) - g(x)‖`` over ``‖δ‖₂
   onto the unit ball, which is non-expansive; z is 1-Lipschitz, so ``ρ(ε) = ε``.
 * plain mode with ``r = ‖f(x)‖``: for non-zero a, b, ``‖â - b̂‖ ≤ ‖a - b‖/√(‖a‖‖b‖)`` and
   ``‖f(x+δ)‖ ≥ r - ε``, so ``ρ(ε) = ε/√(r(r - ε))`` for ε < r; if ``r - ε ≥ 1`` the projection
-  argument gives ``ρ(ε) = ε`` as well; always ``ρ ≤ 2``.
+  argument gives ``ρ(ε) = ε`` as well (never smaller: ``r - ε ≥ 1`` implies ``r(r - ε) ≥ 1``, so
+  that clause is a guard that does not bind); always ``ρ ≤ 2``.
 
 All results are computed in float64 from float32-or-wider embeddings, and every certified
 quantity is shrunk by :data:`FLOAT_SLACK`, an absolute allowance for the rounding error of the
@@ -43,6 +44,7 @@ __all__ = [
     "radius_threshold",
     "normalise_features",
     "check_eps",
+    "format_eps",
     "interval_from_features",
     "certificate_from_features",
 ]
@@ -175,7 +177,8 @@ def radius_2afc_plain(d0, d1, g0, g1, ref_norm):
     With ``m = |d0 - d1|``, ``B = ‖g0 - g1‖``, ``r = ‖f(x_ref)‖``: the decision holds while
     ``B·ρ(ε) < m``. (i) ``ρ(ε) = ε/√(r(r-ε))`` gives ``ε* = r·m·(√(m² + 4B²) - m)/(2B²)``, the
     root of ``B·ε/√(r(r-ε)) = m``; (ii) for ``ε ≤ r - 1`` the projection argument gives
-    ``ρ = ε`` and ``m/B``. Radius = ``max(ε*, min(m/B, r - 1))``; never the optimistic ``m/B``.
+    ``ρ = ε`` and ``m/B``. Radius = ``max(ε*, min(m/B, r - 1))``, capped at ``m/B``; as ρ of (i)
+    never exceeds ε where (ii) applies, ε* already covers (ii), which stays as a guard.
     """
     radius = _radius_2afc_plain(_f64(d0), _f64(d1), _f64(g0), _f64(g1), _f64(ref_norm))
     return _out(radius, _template(d0, d1, g0, g1, ref_norm), "float32")
@@ -190,6 +193,15 @@ def check_eps(eps) -> float:
     if not value >= 0:
         raise ValueError(f"eps must be a non-negative number, got {eps!r}")
     return value
+
+
+def format_eps(eps: float) -> str:
+    """A budget or radius as users write it: ``0.1411... -> '36/255 (0.141)'`` for a multiple of
+    1/255, plain decimals otherwise (``0.5 -> '0.5'``)."""
+    k = eps * 255
+    if abs(k - round(k)) < 1e-6 and round(k) % 255 != 0:
+        return f"{round(k)}/255 ({eps:.3f})"
+    return f"{eps:.4g}"
 
 
 def _finite_features(*arrays: np.ndarray) -> None:
