@@ -15,6 +15,7 @@ from torch import nn
 
 from .layers import (
     Flatten,
+    GlobalPool,
     LipschitzModule,
     Shift,
     SLLConv2d,
@@ -40,6 +41,7 @@ LAYER_TYPES: dict[str, type[LipschitzModule]] = {
     "truncate": Truncate,
     "zero_pad": ZeroPadFeatures,
     "sll_linear": SLLLinear,
+    "global_pool": GlobalPool,
 }
 
 

@@ -168,6 +168,29 @@ def _zero_pad(n: int):
     return apply
 
 
+def _global_pool(mode: str):
+    """lipsim.layers.GlobalPool on channels-last (B, H, W, C) input (sums in float32)."""
+
+    def apply(x: np.ndarray) -> np.ndarray:
+        b, h, w, c = x.shape
+        flat = x.reshape(b, h * w, c)
+        total = flat.sum(axis=1, dtype=_F32)
+        pooled = total / _F32(np.sqrt(h * w))
+        if mode == "sum":
+            return pooled
+        if mode == "sum_std":
+            centred = flat - (total / _F32(h * w))[:, None, :]
+            return np.concatenate([pooled, np.sqrt(np.square(centred).sum(axis=1, dtype=_F32))], axis=1)
+        norm = np.sqrt(np.square(flat).sum(axis=1, dtype=_F32))
+        if mode == "norm":
+            return norm
+        if mode == "sum_norm":
+            return np.concatenate([pooled, norm], axis=1) / _F32(np.sqrt(2.0))
+        raise ValueError(f"the NumPy engine has no global pooling mode {mode!r}")
+
+    return apply
+
+
 def _layer(spec: LayerSpec, params: dict[str, np.ndarray]):
     kind, args = spec.kind, spec.args
     if kind == "sll_conv":
@@ -189,6 +212,8 @@ def _layer(spec: LayerSpec, params: dict[str, np.ndarray]):
         return _truncate(args[0])
     if kind == "zero_pad":
         return _zero_pad(args[0])
+    if kind == "global_pool":
+        return _global_pool(args[0])
     raise ValueError(f"the NumPy engine has no layer of kind {kind!r}")
 
 
@@ -291,8 +316,9 @@ class NumpyLipSim:
 
     def certify_2afc(self, ref: np.ndarray, x0: np.ndarray, x1: np.ndarray) -> certify.Certificate2AFC:
         """As :meth:`lipsim.LipSim.certify_2afc`, with NumPy arrays."""
-        if not (ref.shape[0] == x0.shape[0] == x1.shape[0]):
-            raise ValueError("ref, x0 and x1 must have the same batch size")
-        n = ref.shape[0]
+        n_ref = certify.check_2afc_batches(len(ref), len(x0), len(x1))
         f = self._features_of((ref, "ref"), (x0, "x0"), (x1, "x1"))
-        return certify.certificate_from_features(f[:n], f[n : 2 * n], f[2 * n :], self.embedding)
+        f_ref, f0, f1 = np.split(f, [n_ref, n_ref + len(x0)])
+        return certify.certificate_from_features(
+            np.broadcast_to(f_ref, f0.shape), f0, f1, self.embedding
+        )

@@ -29,6 +29,7 @@ __all__ = [
     "ArchConfig",
     "LayerSpec",
     "FAMILIES",
+    "HEADS",
     "SLL_KERNEL_SIZE",
     "register",
     "check_dtype",
@@ -52,6 +53,9 @@ FORMAT = "lipsim"
 FORMAT_VERSION = "1"
 #: spatial size of every SLL convolution kernel (the published code's choice)
 SLL_KERNEL_SIZE = 3
+#: s2d heads: "grid" (sum/k pool, flatten: the feature keeps a coarse spatial grid) or a global
+#: 1-Lipschitz pooling over all positions (layer kind ``global_pool``, see lipsim.layers.GlobalPool)
+HEADS = ("grid", "sum", "norm", "sum_norm", "sum_std")
 
 
 _MAX_LAYERS = 10_000
@@ -97,6 +101,7 @@ class ArchConfig:
     pool: int = 4
     linear_width: int = 0  # 0: the flattened size
     center: float = 0.0  # s2d family: subtract this constant first (an isometry)
+    head: str = "grid"  # s2d family: one of HEADS ("grid" uses ``pool``; the global ones ignore it)
     # both
     depth_linear: int = 0
     n_features: int = 1024
@@ -127,6 +132,10 @@ class ArchConfig:
             raise ValueError(
                 f"center must be a number in [-{_MAX_CENTER:g}, {_MAX_CENTER:g}], got {self.center!r}"
             )
+        if self.head not in HEADS:
+            raise ValueError(f"unknown head {self.head!r} (choose from {', '.join(HEADS)})")
+        if self.head != "grid" and self.family != "s2d":
+            raise ValueError("global pooling heads exist for the s2d family only")
         width = max(self.channels, 3) if self.family == "published" else 3
         if width * self.input_size**2 > _MAX_ACTIVATION:
             raise ValueError(
@@ -135,7 +144,10 @@ class ArchConfig:
             )
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+        fields = dataclasses.asdict(self)
+        if fields["head"] == "grid":  # the default: files written before heads existed stay identical
+            del fields["head"]
+        return json.dumps(fields, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> ArchConfig:
@@ -159,6 +171,8 @@ class ArchConfig:
         for i, _ in enumerate(self.stages):
             if i > 0:
                 channels, side = channels * 4, side // 2
+        if self.head != "grid":
+            return channels * (2 if self.head in ("sum_norm", "sum_std") else 1)
         side //= self.pool
         return channels * side * side
 
@@ -172,7 +186,8 @@ class LayerSpec:
 
     Kinds and arguments: ``shift (value,)``, ``space_to_depth (r,)``, ``channel_pad (channels,)``,
     ``sll_conv (channels, inner)``, ``sum_pool (k,)``, ``flatten ()``, ``truncate (n,)``,
-    ``zero_pad (n,)``, ``sll_linear (features, inner)``.
+    ``zero_pad (n,)``, ``sll_linear (features, inner)``, ``global_pool (mode,)`` with mode one of
+    ``sum``, ``norm``, ``sum_norm``, ``sum_std`` ((B, C, H, W) -> (B, C) or (B, 2C)).
     """
 
     kind: str
@@ -211,7 +226,7 @@ def _plan_published(c: ArchConfig) -> Plan:
 def _plan_s2d(c: ArchConfig) -> Plan:
     if not c.stages:
         raise ValueError("an s2d architecture needs at least one stage")
-    div = c.s2d * 2 ** (len(c.stages) - 1) * c.pool
+    div = c.s2d * 2 ** (len(c.stages) - 1) * (c.pool if c.head == "grid" else 1)
     if c.input_size % div:
         raise ValueError(f"input size {c.input_size} is not divisible by {div}")
     plan: Plan = []
@@ -227,9 +242,12 @@ def _plan_s2d(c: ArchConfig) -> Plan:
         block += [LayerSpec("sll_conv", (channels, inner)) for _ in range(n_convs)]
         plan.append((f"stage{i}", tuple(block)))
     head: list[LayerSpec] = []
-    if c.pool > 1:
-        head.append(LayerSpec("sum_pool", (c.pool,)))
-    head.append(LayerSpec("flatten"))
+    if c.head != "grid":
+        head.append(LayerSpec("global_pool", (c.head,)))
+    else:
+        if c.pool > 1:
+            head.append(LayerSpec("sum_pool", (c.pool,)))
+        head.append(LayerSpec("flatten"))
     flat, width = c.flat_dim(), c.feature_width()
     if width > flat:
         head.append(LayerSpec("zero_pad", (width,)))
@@ -396,6 +414,23 @@ register(
         center=0.5,
     )
 )
+# s2d-lite's trunk behind a global 1-Lipschitz pooling head (issue 16): [Σ_p h/√n ; ‖h_c - mean‖]
+# per channel (384 features), zero-padded to the teacher's 2712 and two SLL linear layers
+register(
+    ArchConfig(
+        "s2d-lite-pool",
+        "s2d",
+        out_dim=2712,
+        s2d=4,
+        stages=((3, 16), (4, 32)),
+        pool=1,
+        head="sum_std",
+        linear_width=2712,
+        depth_linear=2,
+        n_features=512,
+        center=0.5,
+    )
+)
 
 # Tiny architectures for tests and smoke runs (same layer types, a few thousand parameters).
 register(
@@ -406,5 +441,20 @@ register(
 register(
     ArchConfig(
         "tiny-s2d", "s2d", out_dim=64, s2d=4, stages=((2, 4), (1, 8)), pool=7, depth_linear=1, n_features=32
+    )
+)
+register(
+    ArchConfig(
+        "tiny-s2d-pool",
+        "s2d",
+        out_dim=40,
+        s2d=4,
+        stages=((2, 4), (1, 8)),
+        pool=1,
+        head="sum_std",
+        linear_width=400,
+        depth_linear=1,
+        n_features=16,
+        center=0.5,
     )
 )

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .layers import LipschitzModule, SLLConv2d, SLLLinear, safe_inverse, sll_linear_rescaling
+from .layers import GlobalPool, LipschitzModule, SLLConv2d, SLLLinear, safe_inverse, sll_linear_rescaling
 from .model import LipSim, exact_float32
 
 __all__ = ["jacobian_spectral_norm", "LayerReport", "VerifyReport", "verify_model"]
@@ -127,7 +127,7 @@ def verify_model(
     hooks = []
     leaves = backbone.lipschitz_layers()
     for name, module in leaves:
-        if isinstance(module, (SLLConv2d, SLLLinear)):
+        if isinstance(module, (SLLConv2d, SLLLinear, GlobalPool)):
             hooks.append(
                 module.register_forward_pre_hook(
                     lambda mod, args, name=name: captured.__setitem__(name, args[0].detach()[:1].clone())
