@@ -141,7 +141,7 @@ def test_decompression_bomb_is_refused_before_decoding(tmp_path):
 
 
 def test_wrong_argument_type():
-    with pytest.raises(ImageError, match="path or a PIL image"):
+    with pytest.raises(ImageError, match="a path, a PIL image, a NumPy array or a tensor"):
         lipsim.load_image(42)
 
 

@@ -28,6 +28,7 @@ _EXPORTS = {
     "ImageError": "errors",
     "LipSimError": "errors",
     "load_image": "images",
+    "preprocess": "images",
     "LipSim": "model",
 }
 
@@ -43,6 +44,7 @@ __all__ = [
     "load",
     "load_image",
     "load_published",
+    "preprocess",
     "register",
 ]
 
@@ -50,7 +52,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .certify import Certificate2AFC
     from .checkpoints import load, load_published
     from .errors import CheckpointError, ImageError, LipSimError
-    from .images import load_image
+    from .images import load_image, preprocess
     from .model import LipSim
     from .spec import ArchConfig, list_archs, register
 

@@ -210,12 +210,21 @@ def load_published(path, out_dim: int = PUBLISHED_OUT_DIM, embedding: str = "pla
 
 
 def load(source=None, device="cpu", embedding: str | None = None, out_dim: int = PUBLISHED_OUT_DIM) -> LipSim:
-    """Loads a model: ``None``/"default" (packaged), a ``.safetensors`` file, or a published ``.pth``.
+    """Loads a model: ``None``/"default" (packaged), a ``.safetensors`` file, a published ``.pth``,
+    or a published checkpoint by name (``"lipsim-margin-0.5"``, ``"lipsim-margin-0.2"``,
+    ``"lipsim-pretrained"``; see :mod:`lipsim.hub`).
 
     The model is returned in eval mode with gradients off for its parameters (input gradients
-    still work). Nothing is downloaded. ``out_dim`` applies to published checkpoints only (their
+    still work). Only a published name not yet in the cache is downloaded (once, hash recorded,
+    verified on every later load). ``out_dim`` applies to published checkpoints only (their
     truncation size is not stored in the file: 1792 for the DreamSim-ensemble teacher).
     """
+    from . import hub
+
+    if hub.is_published_name(source):
+        entry = hub.published(source)
+        path = hub.fetch(source)
+        return load_published(path, out_dim=entry.out_dim, embedding=embedding or entry.embedding, device=device)
     path = resolve_model_path(source)
     if is_safetensors(path):
         return _load_safetensors(path, device, embedding)

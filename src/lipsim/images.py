@@ -1,7 +1,9 @@
 """Decoding and validation of image files; the only module that touches PIL.
 
-``load_image`` turns whatever a user hands us (a path or a PIL image) into the model's input
-convention: a float32 tensor (1, 3, S, S) in [0, 1], RGB, resized with bicubic interpolation
+``load_image``/``preprocess`` turn whatever a user hands us (a path, a PIL image, a NumPy array,
+a tensor) into the model's input convention: a float32 tensor (B, 3, S, S) in [0, 1], RGB, resized
+with bicubic interpolation, aspect kept and centre-cropped by default (``resize="squash"``
+stretches instead)
 (``load_image_array``: the same pixels as a NumPy array, for the torch-free engine; torch is
 imported only by the functions that return or check tensors).
 Messy files (grey, alpha, CMYK, palette, 16-bit, EXIF rotation, tiny or thin images) work;
@@ -39,6 +41,9 @@ if TYPE_CHECKING:
 __all__ = [
     "load_image",
     "load_image_array",
+    "preprocess",
+    "RESIZE_MODES",
+    "crop_geometry",
     "open_image",
     "decoding",
     "check_images",
@@ -165,7 +170,9 @@ def open_image(source) -> tuple[Image.Image, str]:
     elif isinstance(source, (str, os.PathLike)):
         img, name = _open(source), str(source)
     else:
-        raise ImageError(f"expected a path or a PIL image, got {type(source).__name__}")
+        raise ImageError(
+            f"expected a path, a PIL image, a NumPy array or a tensor, got {type(source).__name__}"
+        )
     width, height = img.size
     if width < 1 or height < 1:
         raise ImageError(f"{name}: image has no pixels")
@@ -174,23 +181,204 @@ def open_image(source) -> tuple[Image.Image, str]:
     return img, name
 
 
-def load_image_array(source, size: int | None = 224) -> np.ndarray:
-    """:func:`load_image` as a NumPy float32 array (1, 3, size, size) in [0, 1]; no torch needed."""
+#: how an image that is not already size×size becomes one: "crop" (default) resizes the shorter
+#: side to ``size`` (aspect kept) and takes the centre ``size``×``size`` square, as torchvision's
+#: ``Resize(size)`` + ``CenterCrop(size)`` and DreamSim's preprocessing do; "squash" resizes both
+#: sides to ``size`` (the aspect ratio changes; lipsim's behaviour before crop became the default)
+RESIZE_MODES = ("crop", "squash")
+
+
+def _check_size_resize(size, resize) -> None:
     if size is not None and (isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1):
         raise ValueError(f"size must be a positive integer or None, got {size!r}")
+    if resize not in RESIZE_MODES:
+        raise ValueError(f"resize must be one of {', '.join(RESIZE_MODES)}, got {resize!r}")
+
+
+def crop_geometry(width: int, height: int, size: int) -> tuple[int, int, int, int]:
+    """``(new_width, new_height, left, top)``: the shorter side resized to ``size``, the longer one
+    to ``int(size * long / short)`` (truncated, as torchvision), and the offset of the centred
+    ``size``×``size`` square in the resized image (``int(round(extra / 2))``)."""
+    if width <= height:
+        new_w, new_h = size, max(size, int(size * height / width))
+    else:
+        new_w, new_h = max(size, int(size * width / height)), size
+    return new_w, new_h, int(round((new_w - size) / 2.0)), int(round((new_h - size) / 2.0))
+
+
+#: "crop" resizes the whole image and then cuts the centre square (exactly torchvision's and
+#: DreamSim's pixels) unless the resized image would have more pixels than this (a thin strip)
+_FULL_RESIZE_PIXELS = 16_000_000
+
+
+def _resize_pil(img: Image.Image, size: int, resize: str) -> Image.Image:
+    """Bicubic resize of a decoded image to size×size. "crop" resizes the whole image, then crops;
+    for a resized image above :data:`_FULL_RESIZE_PIXELS` only the centre square is resampled
+    (Pillow's ``box``: the same geometry, 8-bit rounding between Pillow's two passes may differ)."""
+    if resize == "squash":
+        return img.resize((size, size), Image.BICUBIC)
+    width, height = img.size
+    new_w, new_h, left, top = crop_geometry(width, height, size)
+    if new_w * new_h <= _FULL_RESIZE_PIXELS:
+        return img.resize((new_w, new_h), Image.BICUBIC).crop((left, top, left + size, top + size))
+    sx, sy = width / new_w, height / new_h
+    box = (left * sx, top * sy, (left + size) * sx, (top + size) * sy)
+    return img.resize((size, size), Image.BICUBIC, box=box)
+
+
+def _array_image(x: np.ndarray, name: str) -> np.ndarray | Image.Image:
+    """A NumPy HWC (or HW grey) image: uint8 as a PIL image (decoded then exactly as a file with
+    the same pixels), float as float32 (3, H, W) planes, which must already lie in [0, 1]; an
+    alpha channel is composited on white either way."""
+    if x.ndim == 2:
+        x = x[:, :, None]
+    if x.ndim != 3 or x.shape[2] not in (1, 3, 4):
+        hint = (
+            " (channels first? pass x.transpose(1, 2, 0))" if x.ndim == 3 and x.shape[0] in (1, 3, 4) else ""
+        )
+        raise ImageError(f"{name}: expected an HxWxC array with C in 1, 3, 4, got shape {x.shape}{hint}")
+    if x.shape[0] < 1 or x.shape[1] < 1:
+        raise ImageError(f"{name}: image has no pixels")
+    if x.shape[0] * x.shape[1] > MAX_PIXELS:
+        raise ImageError(f"{name}: image too large ({x.shape[1]}x{x.shape[0]} pixels, limit {MAX_PIXELS})")
+    if x.dtype == np.uint8:
+        return Image.fromarray(np.ascontiguousarray(x[:, :, 0] if x.shape[2] == 1 else x))
+    if not np.issubdtype(x.dtype, np.floating):
+        raise ImageError(f"{name}: expected a uint8 or floating array, got {x.dtype}")
+    arr = x.astype(np.float32)
+    lo, hi = float(arr.min()), float(arr.max())
+    if not 0.0 <= lo <= hi <= 1.0:  # False for NaN
+        raise ImageError(
+            f"{name}: float pixel values [{lo:.6g}, {hi:.6g}] lie outside [0, 1] (uint8 arrays are "
+            "divided by 255; floats must already be in [0, 1])"
+        )
+    if arr.shape[2] == 4:
+        alpha = arr[:, :, 3:]
+        arr = arr[:, :, :3] * alpha + (1.0 - alpha)
+    arr = arr.transpose(2, 0, 1)
+    return np.repeat(arr, 3, axis=0) if arr.shape[0] == 1 else arr
+
+
+def _resize_planes(arr: np.ndarray, size: int | None, resize: str, name: str) -> np.ndarray:
+    """(C, H, W) float32 planes resized one by one as Pillow "F" images (bicubic in float32, no
+    8-bit rounding); values are clipped back to [0, 1] after the bicubic overshoot."""
+    if size is None or arr.shape[1:] == (size, size):
+        return np.ascontiguousarray(arr, dtype=np.float32)
+    with decoding(name):
+        planes = [
+            np.asarray(_resize_pil(Image.fromarray(np.ascontiguousarray(p)), size, resize)) for p in arr
+        ]
+    out = np.stack(planes).astype(np.float32, copy=False)
+    return np.clip(out, 0.0, 1.0, out=out)
+
+
+def _file_array(source, size: int | None, resize: str) -> np.ndarray:
+    """A path or PIL image as float32 (3, S, S) in [0, 1] (the module docstring's decoding)."""
     img, name = open_image(source)
     with decoding(name):
         img, white = _decode(img, name)
         if size is not None:
-            img = img.resize((int(size), int(size)), Image.BICUBIC)
+            img = _resize_pil(img, int(size), resize)
         arr = np.asarray(img, dtype=np.float32) / np.float32(white)
     np.clip(arr, 0.0, 1.0, out=arr)
     arr = np.repeat(arr[None], 3, axis=0) if arr.ndim == 2 else arr.transpose(2, 0, 1)
-    return np.ascontiguousarray(arr[None])
+    return np.ascontiguousarray(arr)
 
 
-def load_image(source, size: int | None = 224) -> torch.Tensor:
-    """Loads a path or PIL image as a (1, 3, size, size) float32 tensor in [0, 1] (RGB, bicubic).
+def _is_tensor(x) -> bool:
+    return type(x).__module__.split(".", 1)[0] == "torch" and hasattr(x, "detach")
+
+
+def _one_array(source, size: int | None, resize: str, name: str) -> np.ndarray:
+    if isinstance(source, np.ndarray):
+        image = _array_image(source, name)
+        if isinstance(image, Image.Image):
+            return _file_array(image, size, resize)
+        return _resize_planes(image, size, resize, name)
+    if _is_tensor(source):
+        return _one_tensor(source, size, resize, name).detach().cpu().numpy()[0]
+    return _file_array(source, size, resize)
+
+
+def load_image_array(source, size: int | None = 224, resize: str = "crop") -> np.ndarray:
+    """:func:`load_image` as a NumPy float32 array (B, 3, size, size) in [0, 1]; no torch needed
+    (unless ``source`` is a tensor, which means torch is already there)."""
+    _check_size_resize(size, resize)
+    items = list(source) if isinstance(source, (list, tuple)) else [source]
+    if not items:
+        raise ImageError("no images given")
+    arrays = [_one_array(item, size, resize, f"image {i}") for i, item in enumerate(items)]
+    if len({a.shape for a in arrays}) > 1:
+        raise ImageError("images of different sizes cannot form one batch with size=None")
+    return np.ascontiguousarray(np.stack(arrays))
+
+
+def _one_tensor(x, size: int | None, resize: str, name: str) -> torch.Tensor:
+    """A (3, H, W) or (B, 3, H, W) tensor (float in [0, 1] or uint8) as float32 (B, 3, S, S),
+    resized with torch's antialiased bicubic interpolation so that gradients flow through it
+    (close to Pillow's bicubic, not bit-identical); already size×size: only checked."""
+    import torch
+    import torch.nn.functional as F
+
+    if x.dim() == 3:
+        x = x.unsqueeze(0)
+    if x.dim() != 4 or x.shape[1] != 3:
+        raise ImageError(f"{name}: expected a (3, H, W) or (B, 3, H, W) tensor, got shape {tuple(x.shape)}")
+    if x.dtype == torch.uint8:
+        x = x.float() / 255.0
+    elif not x.is_floating_point():
+        raise ImageError(f"{name}: expected a floating (in [0, 1]) or uint8 tensor, got {x.dtype}")
+    x = x.float()
+    check_images(x, name)
+    height, width = int(x.shape[2]), int(x.shape[3])
+    if size is None or (height, width) == (size, size):
+        return x
+    if resize == "squash":
+        out = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+    else:
+        new_w, new_h, left, top = crop_geometry(width, height, size)
+        out = F.interpolate(x, size=(new_h, new_w), mode="bicubic", antialias=True, align_corners=False)
+        out = out[:, :, top : top + size, left : left + size]
+    return out.clamp(0.0, 1.0)
+
+
+def preprocess(source, size: int | None = 224, resize: str = "crop") -> torch.Tensor:
+    """Any image (or a list of them) as the model's input: a float32 tensor (B, 3, size, size) in [0, 1].
+
+    Accepts a path, a PIL image, a NumPy HxWxC (or HxW) array (uint8, divided by 255, or float in
+    [0, 1]; an alpha channel is composited on white), a (3, H, W)/(B, 3, H, W) tensor (float in
+    [0, 1] or uint8), or a list of these (stacked into one batch). ``resize="crop"`` (default)
+    keeps the aspect ratio: the shorter side becomes ``size`` and the centre square is kept, as
+    torchvision's ``Resize`` + ``CenterCrop`` and DreamSim do; ``resize="squash"`` stretches the
+    image to size×size. Files and arrays are resampled with Pillow's bicubic filter (in float32),
+    tensors with torch's antialiased bicubic, which keeps gradients; a tensor that already has
+    the right size is returned unchanged (as float32). ``size=None`` keeps the native size.
+
+    Certificates are about the network input: a radius bounds perturbations of this 224×224
+    tensor, not of the original file before resizing.
+    """
+    import torch
+
+    _check_size_resize(size, resize)
+    items = list(source) if isinstance(source, (list, tuple)) else [source]
+    if not items:
+        raise ImageError("no images given")
+    batch = []
+    for i, item in enumerate(items):
+        name = "image" if len(items) == 1 else f"image {i}"
+        if _is_tensor(item):
+            batch.append(_one_tensor(item, size, resize, name))
+        else:
+            batch.append(torch.from_numpy(_one_array(item, size, resize, name))[None])
+    if len({tuple(t.shape[1:]) for t in batch}) > 1:
+        raise ImageError("images of different sizes cannot form one batch with size=None")
+    return batch[0] if len(batch) == 1 else torch.cat(batch)
+
+
+def load_image(source, size: int | None = 224, resize: str = "crop") -> torch.Tensor:
+    """Loads an image as a (1, 3, size, size) float32 tensor in [0, 1] (RGB, bicubic); see
+    :func:`preprocess` for what it accepts and how it resizes (aspect kept and centre-cropped by
+    default, ``resize="squash"`` stretches).
 
     ``size=None`` keeps the image's own height and width. Alpha is composited on white; EXIF
     orientation is applied; 16-bit and float images are scaled by their bit depth (module
@@ -198,9 +386,7 @@ def load_image(source, size: int | None = 224) -> torch.Tensor:
     a one-line message naming the file for missing, empty, corrupt, truncated, oversized or
     non-image inputs, and ``ValueError`` for a ``size`` that is not a positive integer.
     """
-    import torch
-
-    return torch.from_numpy(load_image_array(source, size))
+    return preprocess(source, size=size, resize=resize)
 
 
 def to_pil(x: torch.Tensor) -> Image.Image:

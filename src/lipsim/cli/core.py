@@ -124,6 +124,46 @@ def cmd_verify(args) -> int:
     return 0 if report.passed else 1
 
 
+def _megabytes(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+def cmd_models(args) -> int:
+    from lipsim import hub
+    from lipsim.modelfiles import default_model_path
+
+    default = default_model_path()
+    packaged = []
+    if default.exists():
+        packaged.append({"name": "default", "path": str(default), "bytes": default.stat().st_size})
+    cached = hub.cached_models()
+    cached_names = {m["name"] for m in cached}
+    downloadable = [dict(m.as_dict(), cached=m.name in cached_names) for m in hub.PUBLISHED.values()]
+    payload = {
+        "cache": str(hub.cache_dir()),
+        "packaged": packaged,
+        "cached": cached,
+        "downloadable": downloadable,
+    }
+    lines = ["packaged:"]
+    lines += [f"  {m['name']:<20} {m['path']} ({_megabytes(m['bytes'])})" for m in packaged] or ["  (none)"]
+    lines.append(f"cached in {hub.cache_dir()} (LIPSIM_CACHE):")
+    lines += [
+        f"  {m['name']:<20} {m['path']} ({_megabytes(m['bytes'])}, sha256 "
+        f"{(m['sha256'] or 'not yet recorded')[:16]})"
+        for m in cached
+    ] or ["  (none)"]
+    lines.append(
+        "downloadable (lipsim.load(NAME) or --model NAME downloads once; pip install 'lipsim[download]'):"
+    )
+    for m in downloadable:
+        flag = " [cached]" if m["cached"] else ""
+        lines.append(f"  {m['name']:<20} {m['description']}{flag}")
+        lines.append(f"  {'':<20} {m['url'] or 'no known link'} -> {m['filename']}")
+    emit(args, payload, "\n".join(lines))
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("distance", help="perceptual distance between two images, with a certified interval")
     p.add_argument("a", help="image A (the one whose perturbations the interval covers)")
@@ -140,6 +180,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_model_args(p)
     add_engine_arg(p)
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("models", help="list the packaged, cached and downloadable models")
+    p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+    p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("verify", help="check a model's Lipschitz chain and estimate its constant")
     p.add_argument("source", help="model file, 'default', or a registered architecture name")

@@ -49,8 +49,9 @@ class ImageFolderDataset:
     """Image files below ``root`` as ``(image, key)`` pairs.
 
     ``key`` is the file's posix path relative to ``root`` (``"n01440764/n01440764_10026.JPEG"``).
-    Without ``transform`` the image is ``load_image(path, size)[0]``: a (3, size, size) float32
-    tensor in [0, 1] (RGB, bicubic resize, alpha on white, EXIF orientation applied). With
+    Without ``transform`` the image is ``load_image(path, size, resize="squash")[0]``: a (3, size,
+    size) float32 tensor in [0, 1] (RGB, bicubic resize, alpha on white, EXIF orientation applied,
+    stretched to a square as before lipsim cropped by default). With
     ``transform`` the file is decoded at native resolution as an 8-bit RGB PIL image and
     ``transform(pil)`` is returned in place of the tensor (``size`` is then unused).
 
@@ -112,7 +113,7 @@ class ImageFolderDataset:
         if self.transform is not None:
             image, key = self.read_pil(index)
             return self.transform(image), key
-        image, key = self._read(index, lambda p: load_image(p, self.size)[0])
+        image, key = self._read(index, lambda p: load_image(p, self.size, resize="squash")[0])
         return image, key
 
     def __repr__(self) -> str:

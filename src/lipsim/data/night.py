@@ -22,6 +22,8 @@ from .errors import DatasetError
 
 __all__ = ["NightDataset", "NIGHT_SPLITS", "TripletRecord", "load_triplet"]
 
+#: the record make-2afc writes beside its data.csv: its test rows form the group "synthetic"
+SYNTHETIC_MARKER = "synthetic.json"
 NIGHT_SPLITS = ("train", "val", "test", "test_imagenet", "test_no_imagenet")
 _TRUE = {"true", "1", "1.0", "yes", "t", "y"}
 _FALSE = {"false", "0", "0.0", "no", "f", "n"}
@@ -46,11 +48,12 @@ class TripletRecord:
 def load_triplet(record: TripletRecord, size: int = 224) -> dict:
     """Loads a triplet as the item dict every 2AFC dataset returns:
     ``{"ref", "x0", "x1": (3, size, size) float32 in [0, 1], "y": float64 scalar tensor,
-    "id": str, "group": str, "family": str}``."""
+    "id": str, "group": str, "family": str}``. Images are stretched to size×size ("squash"), as the
+    reference evaluation resizes them (NIGHT and BAPPS images are square, so nothing is cut)."""
     return {
-        "ref": load_image(record.ref, size)[0],
-        "x0": load_image(record.x0, size)[0],
-        "x1": load_image(record.x1, size)[0],
+        "ref": load_image(record.ref, size, resize="squash")[0],
+        "x0": load_image(record.x0, size, resize="squash")[0],
+        "x1": load_image(record.x1, size, resize="squash")[0],
         "y": torch.tensor(record.y, dtype=torch.float64),  # k/5 fractions exactly (0.8, not 0.80000001)
         "id": record.id,
         "group": record.group,
@@ -117,7 +120,8 @@ class NightDataset(TripletDataset):
     Item ``i`` is ``{"ref", "x0", "x1"}`` -> (3, size, size) float32 tensors in [0, 1] (bicubic
     resize), ``"y"`` -> float64 scalar tensor, the fraction of judges preferring ``x1`` (the
     right image), ``"id"`` -> str, ``"group"`` -> ``"test_imagenet"``/``"test_no_imagenet"`` for
-    test rows, else the split name, ``"family"`` -> the ``family`` column or ``""``.
+    test rows (``"synthetic"`` in a ``lipsim make-2afc`` folder, which holds no ImageNet split),
+    else the split name, ``"family"`` -> the ``family`` column or ``""``.
 
     Raises :class:`DatasetError` (a ``ValueError``) with a one-line message for a missing
     ``data.csv``, missing columns, malformed values, an image path that is absolute or leaves
@@ -169,6 +173,8 @@ class NightDataset(TripletDataset):
         }
         n_fields = max([6, *col.values()]) + 1
         want_split = "test" if self.split.startswith("test") else self.split
+        # a make-2afc folder (synthetic.json beside data.csv) has no ImageNet/non-ImageNet halves
+        synthetic = (self.root / SYNTHETIC_MARKER).is_file()
 
         records = []
         n_rows = 0
@@ -188,6 +194,8 @@ class NightDataset(TripletDataset):
                 group = "test_imagenet" if imagenet else "test_no_imagenet"
                 if self.split != "test" and group != self.split:
                     continue
+                if synthetic:
+                    group = "synthetic"
             else:
                 group = self.split
             y = _parse_float(row[2], "right_vote (column 2)", where)
