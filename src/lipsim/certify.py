@@ -47,6 +47,8 @@ __all__ = [
     "format_eps",
     "interval_from_features",
     "certificate_from_features",
+    "pairwise_from_features",
+    "pairwise_from_embeddings",
 ]
 
 #: absolute slack (in distance units) subtracted from every certified margin
@@ -335,3 +337,60 @@ def certificate_from_features(f_ref, f0, f1, embedding: str) -> Certificate2AFC:
         d1=_out(np.clip(d1, 0.0, 2.0), like, "float32"),
         radius=_out(radius, like, "float32"),
     )
+
+
+# -- all pairs (shared by model.pairwise, the NumPy engine and `lipsim matrix`) -----------------
+
+
+def _pairwise(gx: np.ndarray, gy: np.ndarray, eps, r: np.ndarray | None):
+    """(N, M) float64 ``d`` and, with ``eps``, the interval of every ``d(x_i + δ, y_j)``.
+
+    ``‖g_i - g_j‖² = ‖g_i‖² + ‖g_j‖² - 2⟨g_i, g_j⟩`` in float64: its rounding (≈ 1e-15 on a
+    quantity at most 4) moves ``s`` by at most ≈ 4e-8 near 0, well inside :data:`EMBED_SLACK`.
+    Zero feature vectors (plain mode) get the bound of :func:`interval_from_features`.
+    """
+    dot = gx @ gy.T
+    d = 1.0 - dot
+    if eps is None:
+        return d, None, None
+    nx2, ny2 = np.sum(gx * gx, axis=1), np.sum(gy * gy, axis=1)
+    s = np.sqrt(np.maximum(nx2[:, None] + ny2[None, :] - 2.0 * dot, 0.0))
+    r_col = None if r is None else r[:, None]
+    lo, hi = _distance_interval(d, eps, r_col, s)
+    nx, ny = np.sqrt(nx2), np.sqrt(ny2)
+    degenerate = (nx < 0.5)[:, None] | (ny < 0.5)[None, :]
+    if degenerate.any():
+        reach = _movement_bound(eps, r_col) * ny[None, :] + FLOAT_SLACK
+        lo = np.where(degenerate, np.clip(d - reach, 0.0, 2.0), lo)
+        hi = np.where(degenerate, np.clip(d + reach, 0.0, 2.0), hi)
+    return d, lo, hi
+
+
+def _pairwise_out(d, lo, hi, like):
+    d = _out(np.clip(d, 0.0, 2.0), like, "float32")
+    if lo is None:
+        return d
+    return d, _out(lo, like, "float32"), _out(hi, like, "float32")
+
+
+def pairwise_from_features(fx, fy, embedding: str, eps=None):
+    """All distances ``D[i, j] = d(x_i, y_j)`` (float32, (N, M)) from backbone features (N, k) and
+    (M, k); with ``eps``, also ``(lo, hi)``: bounds on ``d(x_i + δ, y_j)`` for every ‖δ‖₂ ≤ eps (δ on
+    the row image x_i only), exactly the interval of :func:`interval_from_features` for each pair."""
+    eps = None if eps is None else check_eps(eps)
+    fx64, fy64 = _f64(fx), _f64(fy)
+    _finite_features(fx64, fy64)
+    gx, gy = _normalise(fx64, embedding), _normalise(fy64, embedding)
+    r = None if embedding == "append" else np.linalg.norm(fx64, axis=1)
+    return _pairwise_out(*_pairwise(gx, gy, eps, r), _template(fx, fy))
+
+
+def pairwise_from_embeddings(gx, gy, eps=None, ref_norm=None):
+    """:func:`pairwise_from_features` for cached unit embeddings g (``model.embed``), float32 or
+    float64. Intervals (``eps``) need ``ref_norm`` (‖f(x_i)‖, (N,)) for plain-mode models; append
+    mode (1-Lipschitz g) needs nothing more."""
+    eps = None if eps is None else check_eps(eps)
+    gx64, gy64 = _f64(gx), _f64(gy)
+    _finite_features(gx64, gy64)
+    r = None if ref_norm is None else _f64(ref_norm)
+    return _pairwise_out(*_pairwise(gx64, gy64, eps, r), _template(gx, gy))

@@ -20,6 +20,7 @@ from torch import nn
 
 from . import certify
 from .archs import ArchConfig, LipschitzBackbone, build_backbone
+from .batching import in_batches
 from .errors import LipSimError
 from .images import check_images
 from .layers import _ieee_float32
@@ -165,6 +166,29 @@ class LipSim(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Bounds ``lo ≤ d(x + δ, y) ≤ hi`` for every ‖δ‖₂ ≤ eps (δ on x only)."""
         return self.distance_with_interval(x, y, eps)[1:]
+
+    @torch.no_grad()
+    def pairwise(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor | None = None,
+        eps: float | None = None,
+        batch_size: int = 64,
+        progress: bool | None = False,
+    ):
+        """All distances ``D[i, j] = d(x_i, y_j)``: a float32 (N, M) tensor; ``y=None`` compares
+        ``x`` with itself. Each image is embedded once (in batches of ``batch_size``; ``progress``
+        shows a bar, None: only on a terminal for long runs), so this costs N + M forward passes,
+        not N·M. With ``eps``, returns ``(D, lo, hi)`` where ``lo ≤ d(x_i + δ, y_j) ≤ hi`` for
+        every ‖δ‖₂ ≤ eps (δ on the row image), the interval of :meth:`distance_with_interval`.
+        Computed in float64 from the float32 features, without gradients (use ``model(x, y)``)."""
+        sides = [(x, "x")] if y is None else [(x, "x"), (y, "y")]
+        for images, name in sides:
+            if _batch(images, name) == 0:
+                raise ValueError(f"{name}: empty batch")
+        fx = in_batches(self.features, x, batch_size, torch.cat, progress)
+        fy = fx if y is None else in_batches(self.features, y, batch_size, torch.cat, progress)
+        return certify.pairwise_from_features(fx, fy, self.embedding, eps)
 
     # -- reduced precision (never certified) ----------------------------------------------------
     @torch.no_grad()

@@ -26,6 +26,7 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from . import certify
+from .batching import in_batches
 from .errors import CheckpointError
 from .images import check_image_array
 from .modelfiles import is_safetensors, resolve_model_path
@@ -286,6 +287,10 @@ class NumpyLipSim:
     def input_size(self) -> int:
         return self.config.input_size
 
+    @property
+    def embed_dim(self) -> int:
+        return self.config.out_dim + (1 if self.embedding == "append" else 0)
+
     # -- the function ---------------------------------------------------------------------------
     def _features_of(self, *named: tuple[np.ndarray, str]) -> np.ndarray:
         for x, name in named:
@@ -305,7 +310,40 @@ class NumpyLipSim:
         return certify.normalise_features(self.features(x), self.embedding)
 
     def distance(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-        return self.distance_with_interval(x, y, 0.0)[0]
+        """Distance ``1 - ⟨g(x), g(y)⟩`` in [0, 2], float32 (B,); a batch of 1 broadcasts (as
+        :meth:`lipsim.LipSim.distance`, also ``model(x, y)``)."""
+        nx, ny = len(x), len(y)
+        if nx != ny and 1 not in (nx, ny):
+            raise ValueError(f"batch sizes {nx} and {ny} do not match")
+        f = self._features_of((x, "x"), (y, "y"))
+        fx, fy = f[:nx], f[nx:]
+        shape = (max(nx, ny), f.shape[1])
+        fx, fy = np.broadcast_to(fx, shape), np.broadcast_to(fy, shape)
+        return certify.interval_from_features(fx, fy, 0.0, self.embedding)[0]
+
+    __call__ = distance
+
+    def distance_interval(self, x: np.ndarray, y: np.ndarray, eps: float) -> tuple[np.ndarray, np.ndarray]:
+        """Bounds ``lo ≤ d(x + δ, y) ≤ hi`` for every ‖δ‖₂ ≤ eps (δ on x only)."""
+        return self.distance_with_interval(x, y, eps)[1:]
+
+    def pairwise(
+        self,
+        x: np.ndarray,
+        y: np.ndarray | None = None,
+        eps: float | None = None,
+        batch_size: int = 64,
+        progress: bool | None = False,
+    ):
+        """All distances (N, M), each image embedded once; with ``eps`` also ``(lo, hi)``; as
+        :meth:`lipsim.LipSim.pairwise`."""
+        sides = [(x, "x")] if y is None else [(x, "x"), (y, "y")]
+        for images, name in sides:
+            if not isinstance(images, np.ndarray) or images.ndim != 4 or len(images) == 0:
+                raise ValueError(f"{name} must be a non-empty image batch array (B, 3, H, W)")
+        fx = in_batches(self.features, x, batch_size, np.concatenate, progress)
+        fy = fx if y is None else in_batches(self.features, y, batch_size, np.concatenate, progress)
+        return certify.pairwise_from_features(fx, fy, self.embedding, eps)
 
     def distance_with_interval(self, x: np.ndarray, y: np.ndarray, eps: float):
         """``(d, lo, hi)`` as :meth:`lipsim.LipSim.distance_with_interval`."""
