@@ -1,4 +1,4 @@
-"""Core commands: distance, compare, verify."""
+"""Core commands: distance, compare, models, verify (and matrix, from :mod:`lipsim.cli.batch`)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ from . import (
     resolve_inference_model,
     resolve_model,
 )
+from .batch import add_batch_args, add_resize_arg
+from .batch import register as register_batch
 
 UNITS = "ℓ2 norm over the 224×224 RGB image with pixels in [0,1]; 36/255 ≈ 0.141"
 
@@ -27,10 +29,15 @@ def _untrained_note(model) -> str:
 
 
 def cmd_distance(args) -> int:
+    if args.pairs or args.out or len(args.images) != 2:
+        from .batch import cmd_distance_many
+
+        return cmd_distance_many(args)
+    args.a, args.b = args.images
     eps = parse_eps_list(args.eps)[0]
     model, load_image = resolve_inference_model(args)
-    a = load_image(args.a, size=model.input_size)
-    b = load_image(args.b, size=model.input_size)
+    a = load_image(args.a, size=model.input_size, resize=args.resize)
+    b = load_image(args.b, size=model.input_size, resize=args.resize)
     d, lo, hi = model.distance_with_interval(a, b, eps)
     d = float(d[0])
     payload = {
@@ -55,7 +62,7 @@ def cmd_distance(args) -> int:
 
 def cmd_compare(args) -> int:
     model, load_image = resolve_inference_model(args)
-    ref, a, b = (load_image(p, size=model.input_size) for p in (args.ref, args.a, args.b))
+    ref, a, b = (load_image(p, size=model.input_size, resize=args.resize) for p in (args.ref, args.a, args.b))
     cert = model.certify_2afc(ref, a, b)
     closer = {0: "A", 1: "B", -1: "tie"}[int(cert.closer[0])]
     radius = float(cert.radius[0])
@@ -165,10 +172,24 @@ def cmd_models(args) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("distance", help="perceptual distance between two images, with a certified interval")
-    p.add_argument("a", help="image A (the one whose perturbations the interval covers)")
-    p.add_argument("b", help="image B")
+    p = sub.add_parser(
+        "distance",
+        help="perceptual distance between two images (or one against many, or listed pairs), "
+        "with certified intervals",
+        description="lipsim distance A B: one distance. lipsim distance REF F1 F2 ...: REF against each "
+        "file (CSV rows a,b,distance,lo,hi). lipsim distance --pairs P.csv: the listed pairs (columns a,b; "
+        "relative paths are relative to P.csv). Every image is embedded once.",
+    )
+    p.add_argument(
+        "images",
+        nargs="*",
+        metavar="IMAGE",
+        help="A B, or REF FILE... (the interval covers perturbations of the first image of each pair)",
+    )
+    p.add_argument("--pairs", metavar="CSV", default=None, help="a CSV file of image pairs (columns a,b)")
     p.add_argument("--eps", default="36/255", help="ℓ2 budget for the distance interval (default 36/255)")
+    add_batch_args(p)
+    add_resize_arg(p)
     add_model_args(p)
     add_engine_arg(p)
     p.set_defaults(func=cmd_distance)
@@ -177,9 +198,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("ref", help="reference image (the certificate covers its perturbations)")
     p.add_argument("a", help="candidate A")
     p.add_argument("b", help="candidate B")
+    add_resize_arg(p)
     add_model_args(p)
     add_engine_arg(p)
     p.set_defaults(func=cmd_compare)
+
+    register_batch(sub)
 
     p = sub.add_parser("models", help="list the packaged, cached and downloadable models")
     p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
