@@ -28,7 +28,8 @@ from ..errors import LipSimError
 from ..fileio import write_npy_atomic, write_text_atomic
 from ..images import IMAGE_EXTENSIONS, load_image
 from .identity import ModelIdentity
-from .index import UNIT_TOL, Index, IndexFormatError, _first_line, _is_pairs, embed_images
+from .index import Index, IndexFormatError, embed_images
+from .store import UNIT_TOL, first_line, is_pairs
 
 __all__ = ["list_images", "index_folder", "embed_folder", "BuildReport", "FolderEmbeddings"]
 
@@ -170,7 +171,7 @@ def _read_chunks(partial: Path, identity: ModelIdentity, root: Path) -> list[dic
     for rec_path in sorted(partial.glob("chunk-*.json")):
         try:
             rec = json.loads(rec_path.read_text(encoding="utf-8"))
-            ok = isinstance(rec, dict) and _is_pairs(rec.get("skipped"))
+            ok = isinstance(rec, dict) and is_pairs(rec.get("skipped"))
             ok = ok and isinstance(rec.get("paths"), list) and all(isinstance(p, str) for p in rec["paths"])
         except (OSError, ValueError, RecursionError):
             ok = False
@@ -217,7 +218,7 @@ def index_folder(
         try:
             existing = Index.load(out)
             if existing.approximate and len(existing):
-                existing._ensure_hnsw()  # checks the stored graph now, not after embedding
+                existing.build()  # reads and checks the stored graph now, not after embedding
         except IndexFormatError as exc:
             if not restart:
                 raise IndexFormatError(f"{exc}; --restart rebuilds the index from the images") from None
@@ -301,12 +302,12 @@ def index_folder(
         try:
             emb = np.load(rec["emb"], mmap_mode="r", allow_pickle=False)
             nrm = np.load(rec["norms"], allow_pickle=False)
-            index._append(np.asarray(emb), nrm, rec["paths"])  # checks shapes, unit rows, norms
+            index.append(np.asarray(emb), nrm, rec["paths"])  # checks shapes, unit rows, norms
         except MemoryError:
             raise
         except Exception as exc:  # numpy raises many kinds for damaged files
             raise IndexFormatError(
-                f"{rec['emb']}: a damaged chunk of an unfinished build ({_first_line(exc)}); "
+                f"{rec['emb']}: a damaged chunk of an unfinished build ({first_line(exc)}); "
                 "--restart discards it"
             ) from None
     skipped = skipped_before + [tuple(s) for rec in new_records for s in rec["skipped"]]

@@ -28,7 +28,7 @@ import numpy as np
 from .. import certify
 from ..errors import LipSimError
 from .certificate import pair_threshold_radius, search_allowance, threshold_reach
-from .index import _check_unit
+from .store import check_unit
 
 __all__ = ["PairVerdict", "DedupResult", "find_near_duplicates"]
 
@@ -125,7 +125,7 @@ def find_near_duplicates(
     emb = np.ascontiguousarray(embeddings, dtype=np.float32)
     if emb.ndim != 2:
         raise ValueError(f"embeddings must be (N, D), got shape {emb.shape}")
-    _check_unit(emb, "embeddings")  # a certificate on anything else would be void
+    check_unit(emb, "embeddings")  # a certificate on anything else would be void
     n = emb.shape[0]
     if len(paths) != n:
         raise ValueError(f"{n} embeddings but {len(paths)} paths")

@@ -15,7 +15,8 @@ commit point: each file is replaced atomically), then removes the files of other
 an interrupted save leaves the previous index readable. Format version 1 (still read) had no G:
 ``embeddings.npy``, ``norms.npy``, ``paths.json``, ``hnsw.faiss``. Loading validates meta.json
 field by field and scans the embeddings (in blocks) for finite unit rows: a damaged or tampered
-index is refused (:class:`IndexFormatError`) instead of producing wrong certificates.
+index is refused (:class:`IndexFormatError`) instead of producing wrong certificates. Rows, files
+and generations are :mod:`lipsim.retrieval.store`'s; this module searches and certifies.
 
 Search: exact search is FAISS ``IndexFlatIP`` on the unit vectors (d = 1 - inner product); the K
 candidates' distances are then recomputed in float64 from the stored embeddings and the top-1
@@ -29,159 +30,39 @@ exactly (the embeddings are all stored).
 
 from __future__ import annotations
 
-import contextlib
-import json
-import re
-import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..errors import LipSimError
-from ..fileio import atomic_write, write_npy_atomic, write_text_atomic
+from ..fileio import atomic_write
 from .certificate import search_allowance, top1_radius
 from .identity import ModelIdentity
+from .store import (
+    FORMAT,
+    FORMAT_VERSION,
+    UNIT_TOL,
+    EmbeddingStore,
+    IndexFormatError,
+    check_meta,
+    data_file,
+    first_line,
+    is_index,
+    is_int,
+    read_graph,
+    read_meta,
+    short,
+)
 
 __all__ = ["Index", "SearchResult", "IndexFormatError", "embed_images"]
+#: re-exported from the store (the file format and its tolerance)
+_STORE_NAMES = (FORMAT, FORMAT_VERSION, UNIT_TOL)
 
-FORMAT = "lipsim-index"
-FORMAT_VERSION = 2
-#: tolerance on ‖e‖ - 1 for embeddings handed to :meth:`Index.add` directly (and on load)
-UNIT_TOL = 1e-4
-_ADD_BLOCK = 65536
 #: HNSW settings, inclusive integer ranges (M < 2 crashes FAISS; a huge efSearch exhausts memory)
 HNSW_LIMITS = {"M": (2, 1024), "ef_construction": (1, 1 << 20), "ef_search": (1, 1 << 20)}
-_SUFFIX = {"embeddings": ".npy", "norms": ".npy", "paths": ".json", "hnsw": ".faiss"}
-_GENERATION = re.compile(r"[0-9a-f]{12}")
-_DATA_FILE = re.compile(r"(embeddings|norms|paths|hnsw)(-[0-9a-f]{12})?\.(npy|json|faiss)")
 #: default number of exact candidates examined by the top-1 certificate
 CERTIFY_K = 32
-
-
-class IndexFormatError(LipSimError, ValueError):
-    """A directory that is not a readable lipsim index."""
-
-
-def _data_file(path: Path, name: str, generation: str | None) -> Path:
-    return path / (f"{name}{_SUFFIX[name]}" if generation is None else f"{name}-{generation}{_SUFFIX[name]}")
-
-
-def _is_int(value, lo: int, hi: int) -> bool:
-    return isinstance(value, int | np.integer) and not isinstance(value, bool) and lo <= value <= hi
-
-
-def _is_pairs(value) -> bool:
-    """A list of [str, str] pairs (the recorded skipped files)."""
-    return isinstance(value, list) and all(
-        isinstance(p, list) and len(p) == 2 and all(isinstance(x, str) for x in p) for p in value
-    )
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else type(exc).__name__
-
-
-def _unit_deviation(emb: np.ndarray) -> np.ndarray:
-    """|‖e‖ - 1| per row in float64 (NaN or inf for rows that are not finite), in blocks of about
-    16 MB so that a memory-mapped array is never read into memory whole."""
-    rows = max(1, (1 << 21) // max(1, emb.shape[1]))
-    out = np.empty(emb.shape[0], np.float64)
-    for s in range(0, emb.shape[0], rows):
-        block = np.asarray(emb[s : s + rows], dtype=np.float64)
-        with np.errstate(invalid="ignore", over="ignore"):
-            out[s : s + rows] = np.abs(np.sqrt(np.einsum("ij,ij->i", block, block)) - 1.0)
-    return out
-
-
-def _check_unit(emb: np.ndarray, what: str) -> None:
-    """ValueError unless every row is finite with unit norm (within UNIT_TOL)."""
-    dev = _unit_deviation(emb)
-    bad = ~(dev <= UNIT_TOL)  # NaN too
-    if bad.any():
-        row = int(np.argmax(bad))
-        raise ValueError(
-            f"{what} must be finite with unit norm ({int(bad.sum())} row(s) are not; row {row}: "
-            f"|‖e‖ - 1| = {dev[row]:.2e})"
-        )
-
-
-def _check_norms(norms: np.ndarray, what: str) -> None:
-    """ValueError unless every feature norm is ≥ 0 and finite, or NaN (unknown)."""
-    if norms.dtype.kind != "f":
-        raise ValueError(f"{what} must be floating point, got {norms.dtype}")
-    with np.errstate(invalid="ignore"):
-        bad = np.isinf(norms) | (norms < 0)
-    if bad.any():
-        raise ValueError(f"{what} must be non-negative and finite ({int(bad.sum())} are not)")
-
-
-def _check_meta(meta) -> tuple:
-    """(count, dim, generation, identity, Index keyword arguments, info) of a parsed meta.json;
-    ValueError (one line) for anything out of schema."""
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise ValueError("not a lipsim index description")
-    version = meta.get("format_version")
-    if not _is_int(version, 1, 1 << 31):
-        raise ValueError(f"format_version must be a positive integer, got {_short(version)}")
-    if version > FORMAT_VERSION:
-        raise ValueError(f"index format {version} is newer than this lipsim")
-    n, dim = meta.get("count"), meta.get("dim")
-    if not _is_int(n, 0, 1 << 62) or not _is_int(dim, 1, 1 << 31):
-        raise ValueError(f"count and dim must be integers ≥ 0 and ≥ 1, got {_short(n)} and {_short(dim)}")
-    generation = meta.get("generation") if version >= 2 else None
-    if version >= 2 and not (isinstance(generation, str) and _GENERATION.fullmatch(generation)):
-        raise ValueError(f"generation must be 12 hexadecimal digits, got {_short(generation)}")
-    identity = None if meta.get("model") is None else ModelIdentity.from_dict(meta["model"])
-    approx = meta.get("approximate")
-    if approx is not None and not (isinstance(approx, dict) and approx.get("kind") == "hnsw"):
-        raise ValueError(f'approximate must be null or {{"kind": "hnsw", ...}}, got {_short(approx)}')
-    settings = {"approximate": None if approx is None else "hnsw"}
-    for key, arg in (("M", "hnsw_m"), ("ef_construction", "ef_construction"), ("ef_search", "ef_search")):
-        if approx is not None and key in approx:
-            settings[arg] = approx[key]
-    info = {} if meta.get("info") is None else meta["info"]
-    if not isinstance(info, dict):
-        raise ValueError(f"info must be an object, got {_short(info)}")
-    for key in ("root", "model_source"):
-        if not isinstance(info.get(key), str | None):
-            raise ValueError(f"info.{key} must be a string, got {_short(info[key])}")
-    if not _is_pairs(info.get("skipped", [])):
-        raise ValueError("info.skipped must be a list of [path, reason] pairs")
-    return n, dim, generation, identity, settings, dict(info)
-
-
-def _graph_ok(faiss, index, dim: int, n: int) -> bool:
-    """Whether ``index`` is an inner-product HNSW graph of n rows of dimension dim with a consistent
-    link table (each node's neighbour lists sized by its level, every link a valid id): a check
-    against damage that keeps FAISS from reading out of bounds, not a proof against crafted files."""
-    if not isinstance(index, faiss.IndexHNSWFlat) or index.metric_type != faiss.METRIC_INNER_PRODUCT:
-        return False
-    if (index.d, index.ntotal) != (dim, n) or n == 0:
-        return (index.d, index.ntotal) == (dim, n)
-    g = index.hnsw
-    links, offsets, levels, cum, probas = (
-        faiss.vector_to_array(v).astype(np.int64)
-        for v in (g.neighbors, g.offsets, g.levels, g.cum_nneighbor_per_level, g.assign_probas)
-    )
-    if levels.size != n or offsets.size != n + 1 or cum.size != probas.size + 1 or links.size == 0:
-        return False
-    return bool(
-        1 <= levels.min() <= levels.max() < cum.size
-        and g.max_level == levels.max() - 1
-        and offsets[0] == 0
-        and offsets[-1] == links.size
-        and np.array_equal(np.diff(offsets), cum[levels])
-        and -1 <= links.min() <= links.max() < n
-        and 0 <= g.entry_point < n
-    )
-
-
-def _short(value) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 @dataclass
@@ -272,8 +153,8 @@ class Index:
             raise ValueError(f"approximate must be None or 'hnsw', got {approximate!r}")
         for key, value in (("M", hnsw_m), ("ef_construction", ef_construction), ("ef_search", ef_search)):
             lo, hi = HNSW_LIMITS[key]
-            if not _is_int(value, lo, hi):
-                raise ValueError(f"HNSW {key} must be an integer in [{lo}, {hi}], got {_short(value)}")
+            if not is_int(value, lo, hi):
+                raise ValueError(f"HNSW {key} must be an integer in [{lo}, {hi}], got {short(value)}")
         self.model = None
         if model is not None:
             identity = ModelIdentity.of(model)
@@ -283,8 +164,8 @@ class Index:
             if identity is None:
                 raise ValueError("Index needs a model, a dim or an identity")
             dim = identity.dim
-        if not _is_int(dim, 1, 1 << 31):
-            raise ValueError(f"dim must be a positive integer, got {_short(dim)}")
+        if not is_int(dim, 1, 1 << 31):
+            raise ValueError(f"dim must be a positive integer, got {short(dim)}")
         if identity is not None and identity.dim != dim:
             raise ValueError(f"dim {dim} does not match the model's embedding dimension {identity.dim}")
         self.dim = int(dim)
@@ -293,11 +174,7 @@ class Index:
         self.hnsw_m, self.ef_construction, self.ef_search = int(hnsw_m), int(ef_construction), int(ef_search)
         self.use_gpu = use_gpu
         self.info: dict = {}
-        self._emb: list[np.ndarray] = []
-        self._norms: list[np.ndarray] = []
-        self._offsets = [0]
-        self._paths: list[str] = []
-        self._path_set: set[str] = set()
+        self.store = EmbeddingStore(self.dim)
         self._flat = None
         self._flat_gpu = False
         self._gpu_res = None
@@ -305,45 +182,26 @@ class Index:
         self._hnsw_file: Path | None = None
         self._hnsw_count = 0  # rows the stored graph must hold
 
-    # -- contents -------------------------------------------------------------------------------
+    # -- contents (held by the store) ----------------------------------------------------------
     def __len__(self) -> int:
-        return self._offsets[-1]
+        return len(self.store)
 
     @property
     def paths(self) -> list[str]:
-        return list(self._paths)
+        return self.store.paths
 
     @property
     def embeddings(self) -> np.ndarray:
         """(N, D) float32; the memory map itself right after loading, a copy once items were added."""
-        if len(self._emb) == 1:
-            return self._emb[0]
-        if not self._emb:
-            return np.zeros((0, self.dim), np.float32)
-        return np.concatenate(self._emb)
+        return self.store.embeddings
 
     @property
     def norms(self) -> np.ndarray:
-        if not self._norms:
-            return np.zeros((0,), np.float32)
-        return self._norms[0] if len(self._norms) == 1 else np.concatenate(self._norms)
+        return self.store.norms
 
     def rows(self, ids) -> np.ndarray:
         """Embeddings of the given item ids, (len(ids), D) float32."""
-        ids = np.asarray(ids, dtype=np.int64)
-        if ids.size and (ids.min() < 0 or ids.max() >= len(self)):
-            raise IndexError("item id out of range")
-        out = np.empty((ids.size, self.dim), np.float32)
-        chunk = np.searchsorted(np.asarray(self._offsets), ids, side="right") - 1
-        for c in np.unique(chunk):
-            sel = np.nonzero(chunk == c)[0]
-            out[sel] = self._emb[c][ids[sel] - self._offsets[c]]
-        return out
-
-    def _row_norms(self, ids) -> np.ndarray:
-        ids = np.asarray(ids, dtype=np.int64)
-        norms = self.norms
-        return np.asarray(norms[ids], dtype=np.float64)
+        return self.store.rows(ids)
 
     # -- model ----------------------------------------------------------------------------------
     def attach(self, model) -> Index:
@@ -385,54 +243,28 @@ class Index:
                 fnorms = np.asarray(norms.cpu() if isinstance(norms, torch.Tensor) else norms, np.float32)
                 if fnorms.shape != (emb.shape[0],):
                     raise ValueError(f"norms must have shape ({emb.shape[0]},), got {fnorms.shape}")
-        self._append(emb, fnorms, paths)
+        self.append(emb, fnorms, paths)
 
-    def _append(self, emb: np.ndarray, fnorms: np.ndarray | None, paths) -> None:
-        n = emb.shape[0]
-        if emb.ndim != 2 or emb.shape[1] != self.dim:
-            raise ValueError(f"embeddings have dimension {emb.shape[-1]}, the index holds {self.dim}")
-        _check_unit(emb, "embeddings")
-        if fnorms is not None:
-            _check_norms(fnorms, "norms")
-        if paths is None:
-            paths = [f"item-{len(self) + i}" for i in range(n)]
-        paths = [str(p) for p in paths]
-        if len(paths) != n:
-            raise ValueError(f"{n} items but {len(paths)} paths")
-        new = set(paths)
-        if len(new) != n or new & self._path_set:
-            dup = sorted((new & self._path_set) or {p for p in paths if paths.count(p) > 1})[:3]
-            raise ValueError(f"paths must be unique in an index (duplicates: {dup})")
-        if n == 0:
+    def append(self, emb: np.ndarray, norms: np.ndarray | None = None, paths=None) -> None:
+        """Adds rows of unit float32 embeddings (N, D) with their feature norms (or None) and
+        names, checked by :meth:`EmbeddingStore.append` (shapes, finite unit rows, norms, unique
+        names); the search structures built so far take them too."""
+        if self.store.append(emb, norms, paths) == 0:
             return
-        if fnorms is None:
-            fnorms = np.full((n,), np.nan, np.float32)
-        self._emb.append(emb)
-        self._norms.append(np.asarray(fnorms, np.float32))
-        self._offsets.append(self._offsets[-1] + n)
-        self._paths.extend(paths)
-        self._path_set |= new
         if self._flat is not None:
             self._flat.add(emb)
         if self._hnsw is not None:
             self._hnsw.add(emb)
 
-    # -- FAISS ----------------------------------------------------------------------------------
-    def _blocks(self, start: int = 0):
-        for c, arr in enumerate(self._emb):
-            lo = self._offsets[c]
-            if lo + arr.shape[0] <= start:
-                continue
-            begin = max(0, start - lo)
-            for s in range(begin, arr.shape[0], _ADD_BLOCK):
-                yield np.ascontiguousarray(arr[s : s + _ADD_BLOCK], dtype=np.float32)
+    _append = append  # the name used before the store was split off
 
+    # -- FAISS ----------------------------------------------------------------------------------
     def _ensure_flat(self):
         if self._flat is None:
             import faiss
 
             index = faiss.IndexFlatIP(self.dim)
-            for block in self._blocks():
+            for block in self.store.blocks():
                 index.add(block)
             want_gpu = self.use_gpu if self.use_gpu is not None else faiss.get_num_gpus() > 0
             if want_gpu and hasattr(faiss, "StandardGpuResources"):
@@ -450,26 +282,14 @@ class Index:
 
             index = None
             if self._hnsw_file is not None and self._hnsw_file.exists():
-                index = self._read_hnsw(faiss)
+                index = read_graph(self._hnsw_file, self.dim, self._hnsw_count)
             if index is None:
                 index = faiss.IndexHNSWFlat(self.dim, self.hnsw_m, faiss.METRIC_INNER_PRODUCT)
                 index.hnsw.efConstruction = self.ef_construction
-            for block in self._blocks(start=index.ntotal):
+            for block in self.store.blocks(start=index.ntotal):
                 index.add(block)
             self._hnsw = index
         return self._hnsw
-
-    def _read_hnsw(self, faiss):
-        """The stored graph, refused unless it is an inner-product HNSW graph of this index's rows."""
-        file = self._hnsw_file
-        try:
-            index = faiss.read_index(str(file))
-        except Exception as exc:  # faiss raises RuntimeError for damaged files
-            why = _first_line(exc).split("Error: ", 1)[-1]
-            raise IndexFormatError(f"{file}: damaged HNSW graph ({why})") from None
-        if not _graph_ok(faiss, index, self.dim, self._hnsw_count):
-            raise IndexFormatError(f"{file}: not a valid HNSW graph of this index's {self._hnsw_count} rows")
-        return index
 
     def build(self) -> None:
         """Builds the search structures now instead of at the first search."""
@@ -559,7 +379,7 @@ class Index:
             out.append(
                 SearchResult(
                     ids=cand[:k],
-                    paths=[self._paths[j] for j in cand[:k]],
+                    paths=[self.store.path(j) for j in cand[:k]],
                     distances=np.clip(dist[:k], 0.0, 2.0),  # rounding can dip below 0
                     certified_radius=radius,
                     scope=scope,
@@ -569,69 +389,40 @@ class Index:
             )
         return out
 
-    # -- persistence ----------------------------------------------------------------------------
+    # -- persistence (files and generations: the store) ----------------------------------------
     def save(self, path) -> Path:
         """Writes the index directory: the data files of a new generation (each atomically), then
         meta.json, which points at them, then removes the files of other generations. Interrupted
         at any point, the directory still holds the previous index (or the new one), never a mix."""
         path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        n = len(self)
-        generation = secrets.token_hex(6)
-
-        def write_embeddings(tmp):
-            arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, self.dim))
-            row = 0
-            for block in self._blocks():
-                arr[row : row + block.shape[0]] = block
-                row += block.shape[0]
-            arr.flush()
-            del arr
-
-        atomic_write(_data_file(path, "embeddings", generation), write_embeddings)
-        write_npy_atomic(_data_file(path, "norms", generation), np.asarray(self.norms, np.float32))
-        write_text_atomic(_data_file(path, "paths", generation), json.dumps(self._paths, ensure_ascii=False))
-        hnsw_file = _data_file(path, "hnsw", generation)
-        if self.approximate == "hnsw" and n:
+        write_graph = None
+        if self.approximate == "hnsw" and len(self):
             import faiss
 
-            hnsw = self._ensure_hnsw()
-            atomic_write(hnsw_file, lambda tmp: faiss.write_index(hnsw, tmp))
-        meta = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "generation": generation,
-            "count": n,
-            "dim": self.dim,
-            "model": None if self.identity is None else self.identity.as_dict(),
-            "approximate": None
-            if self.approximate is None
-            else {
+            def write_graph(file: Path) -> None:
+                hnsw = self._ensure_hnsw()
+                atomic_write(file, lambda tmp: faiss.write_index(hnsw, tmp))
+
+        settings = None
+        if self.approximate is not None:
+            settings = {
                 "kind": self.approximate,
                 "M": self.hnsw_m,
                 "ef_construction": self.ef_construction,
                 "ef_search": self.ef_search,
-            },
+            }
+        meta = {
+            "model": None if self.identity is None else self.identity.as_dict(),
+            "approximate": settings,
             "info": self.info,
         }
-        write_text_atomic(path / "meta.json", json.dumps(meta, indent=1, ensure_ascii=False))
-        for file in path.iterdir():  # other generations and the version-1 names
-            match = _DATA_FILE.fullmatch(file.name)
-            if match and match[2] != f"-{generation}":
-                with contextlib.suppress(OSError):  # a leftover is harmless: nothing refers to it
-                    file.unlink()
-        self._hnsw_file, self._hnsw_count = hnsw_file, n
+        self._hnsw_file = self.store.save(path, meta, write_graph)
+        self._hnsw_count = len(self)
         return path
 
     @staticmethod
     def is_index(path) -> bool:
-        meta = Path(path) / "meta.json"
-        if not meta.is_file():
-            return False
-        try:
-            return json.loads(meta.read_text(encoding="utf-8")).get("format") == FORMAT
-        except (OSError, ValueError, AttributeError, RecursionError):
-            return False
+        return is_index(path)
 
     @classmethod
     def load(cls, path, model=None, *, mmap: bool = True, use_gpu: bool | None = None) -> Index:
@@ -640,55 +431,16 @@ class Index:
         damaged or out of format (meta.json fields, file headers, embeddings that are not finite
         unit vectors, negative or infinite norms) is an :class:`IndexFormatError` naming the path."""
         path = Path(path)
-        if not path.is_dir():
-            raise IndexFormatError(f"{path}: no such index directory")
+        meta = read_meta(path)
         try:
-            meta = json.loads((path / "meta.json").read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            unfinished = (path / "partial").is_dir()
-            hint = " (an unfinished build: rerun 'lipsim index' to complete it)" if unfinished else ""
-            raise IndexFormatError(f"{path}: not a lipsim index (no meta.json){hint}") from None
-        except (OSError, ValueError, RecursionError) as exc:
-            raise IndexFormatError(f"{path}/meta.json: unreadable ({_first_line(exc)})") from None
-        try:
-            n, dim, generation, identity, settings, info = _check_meta(meta)
+            n, dim, generation, identity, settings, info = check_meta(meta)
             index = cls(dim=dim, identity=identity, use_gpu=use_gpu, **settings)
         except ValueError as exc:
-            raise IndexFormatError(f"{path}/meta.json: {_first_line(exc)}") from None
-        files = {name: _data_file(path, name, generation) for name in _SUFFIX}
-        names = {name: file.name for name, file in files.items()}
-        try:
-            emb = np.load(files["embeddings"], mmap_mode="r" if mmap else None, allow_pickle=False)
-            norms = np.load(files["norms"], allow_pickle=False)
-            paths = json.loads(files["paths"].read_text(encoding="utf-8"))
-        except MemoryError:
-            raise
-        except Exception as exc:  # numpy raises many kinds for damaged headers
-            raise IndexFormatError(f"{path}: damaged index ({_first_line(exc)})") from None
-        if emb.dtype != np.float32 or emb.ndim != 2 or emb.shape != (n, dim):
-            raise IndexFormatError(
-                f"{path}: {names['embeddings']} is {emb.dtype} {emb.shape}, meta says float32 ({n}, {dim})"
-            )
-        if norms.shape != (n,) or not isinstance(paths, list) or len(paths) != n:
-            raise IndexFormatError(f"{path}: {names['norms']}/{names['paths']} do not hold {n} entries")
-        if not all(isinstance(p, str) for p in paths):
-            raise IndexFormatError(f"{path}: {names['paths']} must hold strings")
-        try:
-            _check_norms(norms, names["norms"])
-            _check_unit(emb, names["embeddings"])
-        except ValueError as exc:
-            raise IndexFormatError(f"{path}: {exc}") from None
+            raise IndexFormatError(f"{path}/meta.json: {first_line(exc)}") from None
+        index.store = EmbeddingStore.load(path, n, dim, generation, mmap)
         index.info = info
-        if n:
-            index._emb.append(emb)
-            index._norms.append(norms.astype(np.float32))
-            index._offsets.append(n)
-            index._paths = paths
-            index._path_set = set(index._paths)
-            if len(index._path_set) != n:
-                raise IndexFormatError(f"{path}: {names['paths']} holds duplicate names")
         if index.approximate:
-            index._hnsw_file, index._hnsw_count = files["hnsw"], n
+            index._hnsw_file, index._hnsw_count = data_file(path, "hnsw", generation), n
         if model is not None:
             index.attach(model)
         return index
