@@ -385,7 +385,7 @@ def test_make_2afc_reads_back_with_known_answers(generated):
     assert (out / "ref/000/000.png").is_file() and (out / "distort/000/017_1.png").is_file()
     meta = {t["id"]: t for t in json.loads((out / "synthetic.json").read_text())["triplets"]}
     ds = NightDataset(out, split="test")
-    assert len(ds) == 18 and ds.group_counts() == {"test_no_imagenet": 18}
+    assert len(ds) == 18 and ds.group_counts() == {"synthetic": 18}  # not "test_no_imagenet"
     ones = {name: 0 for name in FAMILIES}
     for i in range(len(ds)):
         item = ds[i]

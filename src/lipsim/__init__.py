@@ -79,8 +79,10 @@ def create_model(
     """
     import torch
 
+    from .devices import usable_device
     from .model import LipSim
 
+    device = usable_device(device)
     if seed is not None:
         torch.manual_seed(seed)
     return LipSim.from_config(name, embedding=embedding).to(device).eval()

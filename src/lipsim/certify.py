@@ -44,6 +44,7 @@ __all__ = [
     "radius_threshold",
     "normalise_features",
     "check_eps",
+    "check_2afc_batches",
     "format_eps",
     "interval_from_features",
     "certificate_from_features",
@@ -195,6 +196,17 @@ def check_eps(eps) -> float:
     if not value >= 0:
         raise ValueError(f"eps must be a non-negative number, got {eps!r}")
     return value
+
+
+def check_2afc_batches(n_ref: int, n0: int, n1: int) -> int:
+    """``n_ref`` after checking the batch sizes of a 2AFC query: x0 and x1 the same size N, the
+    reference N or 1 (one reference broadcast against N pairs); ValueError otherwise."""
+    if n0 != n1 or n_ref not in (1, n0):
+        raise ValueError(
+            f"x0 and x1 must have the same batch size and ref that size or 1, got ref {n_ref}, "
+            f"x0 {n0}, x1 {n1}"
+        )
+    return n_ref
 
 
 def format_eps(eps: float) -> str:

@@ -20,16 +20,28 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .archs import ArchConfig, build_backbone, get_config, list_archs
+from .devices import usable_device
 from .errors import CheckpointError
 from .fileio import atomic_write
 from .model import LipSim
 from .modelfiles import default_model_path, is_safetensors, resolve_model_path
-from .spec import FORMAT, FORMAT_VERSION, check_dtype, check_state, config_from_metadata
+from .quiet import torch_notices_off
+from .spec import (
+    EMBEDDINGS,
+    FORMAT,
+    FORMAT_VERSION,
+    check_dtype,
+    check_state,
+    config_from_metadata,
+    layer_plan,
+)
 
 __all__ = ["load", "save_model", "load_published", "default_model_path", "PUBLISHED_OUT_DIM"]
 
 #: output dimension of the published checkpoints (DreamSim ensemble teacher)
 PUBLISHED_OUT_DIM = 1792
+#: the ``format`` entry of a training checkpoint (written by :mod:`lipsim.train.loop`)
+TRAINING_CHECKPOINT_FORMAT = "lipsim-train"
 
 
 def save_model(model: LipSim, path, extra_metadata: dict | None = None) -> None:
@@ -48,7 +60,7 @@ def save_model(model: LipSim, path, extra_metadata: dict | None = None) -> None:
 
 def _finish(model: LipSim, device) -> LipSim:
     model.eval().requires_grad_(False)
-    return model.to(device)
+    return model.to(usable_device(device))
 
 
 def _load_safetensors(path: Path, device, embedding: str | None) -> LipSim:
@@ -164,8 +176,15 @@ def load_published(path, out_dim: int = PUBLISHED_OUT_DIM, embedding: str = "pla
     constant (the reference code's ``--requires_bias``).
     """
     path = Path(path)
+    return _published_from(read_torch_file(path), path, out_dim, embedding, device)
+
+
+def read_torch_file(path: Path):
+    """The content of a torch pickle, read with weights-only unpickling; one-line
+    :class:`CheckpointError` for anything unreadable or unsafe."""
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        with torch_notices_off():  # torch warns about pickle protocols before it refuses them
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
         detail = [line for line in lines if "GLOBAL" in line]  # a class or function to import
@@ -187,6 +206,30 @@ def load_published(path, out_dim: int = PUBLISHED_OUT_DIM, embedding: str = "pla
                 "lipsim only loads weights"
             ) from None
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({msg[:160]})") from None
+    return obj
+
+
+def is_training_checkpoint(obj) -> bool:
+    """Whether an unpickled object is a training checkpoint (``checkpoints/last.pt`` of a run)."""
+    return isinstance(obj, dict) and obj.get("format") == TRAINING_CHECKPOINT_FORMAT
+
+
+def model_from_training_checkpoint(ckpt: dict, where, embedding: str | None = None) -> LipSim:
+    """The model held by a training checkpoint (``lipsim train ...``'s ``last.pt``), its weights
+    checked against its architecture before anything is built; ``embedding`` overrides the one
+    it was trained with."""
+    try:
+        config = ArchConfig.from_json(ckpt["arch"])
+        layer_plan(config)
+    except (KeyError, ValueError, TypeError, RecursionError) as exc:
+        raise CheckpointError(f"{where}: bad architecture in checkpoint ({str(exc)[:200]})") from None
+    embedding = embedding or ckpt.get("embedding", "append")
+    if embedding not in EMBEDDINGS or not isinstance(ckpt.get("model"), dict):
+        raise CheckpointError(f"{where}: damaged checkpoint (embedding {embedding!r}, model weights)")
+    return build_checked(config, embedding, ckpt["model"], where)
+
+
+def _published_from(obj, path: Path, out_dim: int, embedding: str, device) -> LipSim:
     if isinstance(obj, dict) and "model_state_dict" in obj:
         state = obj["model_state_dict"]
     elif isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -228,4 +271,7 @@ def load(source=None, device="cpu", embedding: str | None = None, out_dim: int =
     path = resolve_model_path(source)
     if is_safetensors(path):
         return _load_safetensors(path, device, embedding)
-    return load_published(path, out_dim=out_dim, embedding=embedding or "plain", device=device)
+    obj = read_torch_file(path)
+    if is_training_checkpoint(obj):  # a run's checkpoints/last.pt (also what a run folder without
+        return _finish(model_from_training_checkpoint(obj, path, embedding), device)  # a model holds)
+    return _published_from(obj, path, out_dim, embedding or "plain", device)

@@ -13,16 +13,22 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["atomic_write", "write_text_atomic", "write_npy_atomic"]
+__all__ = ["atomic_write", "write_text_atomic", "write_npy_atomic", "current_umask"]
 
 
-def _umask() -> int:
-    mask = os.umask(0)
+def current_umask() -> int:
+    """The process's umask now (read from /proc where there is one: setting and restoring it, the
+    portable way, would briefly change it for every thread)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
     os.umask(mask)
     return mask
-
-
-_UMASK = _umask()
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> None:
@@ -34,8 +40,10 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Non
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        os.chmod(tmp, 0o666 & ~_UMASK)
         write(tmp)
+        # after writing: a writer may replace the file it was given (safetensors does, with a
+        # fresh 0600 file), and the umask is read now, not when lipsim was imported
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -143,11 +143,14 @@ class LipSim(nn.Module):
     # -- certificates ---------------------------------------------------------------------------
     @torch.no_grad()
     def certify_2afc(self, ref: torch.Tensor, x0: torch.Tensor, x1: torch.Tensor) -> certify.Certificate2AFC:
-        """Which of x0, x1 is closer to ref, and the ℓ2 radius around ref within which that holds."""
-        if not (_batch(ref, "ref") == _batch(x0, "x0") == _batch(x1, "x1")):
-            raise ValueError("ref, x0 and x1 must have the same batch size")
+        """Which of x0, x1 is closer to ref, and the ℓ2 radius around ref within which that holds.
+
+        x0 and x1 hold the same number N of images; ref holds N or 1 (one reference against N
+        pairs of candidates: it is embedded once)."""
+        n_ref = certify.check_2afc_batches(_batch(ref, "ref"), _batch(x0, "x0"), _batch(x1, "x1"))
         f = self._features_of((ref, "ref"), (x0, "x0"), (x1, "x1"))
-        return certify.certificate_from_features(*torch.chunk(f, 3), self.embedding)
+        f_ref, f0, f1 = torch.split(f, [n_ref, x0.shape[0], x1.shape[0]])
+        return certify.certificate_from_features(f_ref.expand_as(f0), f0, f1, self.embedding)
 
     @torch.no_grad()
     def distance_with_interval(

@@ -9,7 +9,7 @@ from pathlib import Path
 from .errors import CheckpointError
 from .spec import list_archs
 
-__all__ = ["DEFAULT_NAME", "default_model_path", "resolve_model_path", "is_safetensors"]
+__all__ = ["DEFAULT_NAME", "default_model_path", "resolve_model_path", "run_folder_files", "is_safetensors"]
 
 DEFAULT_NAME = "default.safetensors"
 
@@ -19,8 +19,9 @@ def default_model_path() -> Path:
 
 
 def resolve_model_path(source=None) -> Path:
-    """The file behind ``source``: ``None``/"default" (packaged), a file, or a directory holding
-    ``model.safetensors`` (a training run). :class:`CheckpointError` when there is none."""
+    """The file behind ``source``: ``None``/"default" (packaged), a file, or a training run folder
+    (its ``model.safetensors``, else its ``checkpoints/last.pt``). :class:`CheckpointError` when
+    there is none."""
     if source is None or source == "default":
         path = default_model_path()
         if not path.exists():
@@ -45,13 +46,21 @@ def _existing_model_file(path: Path, source) -> Path:
         )
         raise CheckpointError(f"{path}: no such model file{hint}")
     if path.is_dir():
-        candidate = path / "model.safetensors"
-        if not candidate.exists():
-            raise CheckpointError(f"{path}: is a directory without model.safetensors")
-        path = candidate
+        model_file, checkpoint = run_folder_files(path)
+        if model_file is None and checkpoint is None:
+            raise CheckpointError(f"{path}: is a directory without model.safetensors or checkpoints/last.pt")
+        path = model_file or checkpoint
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path}: empty file")
     return path
+
+
+def run_folder_files(folder: Path) -> tuple[Path | None, Path | None]:
+    """``(model.safetensors, checkpoints/last.pt)`` of a training run folder, each ``None`` when
+    absent: a finished run has both, an interrupted one only the checkpoint."""
+    model_file = folder / "model.safetensors"
+    checkpoint = folder / "checkpoints" / "last.pt"
+    return (model_file if model_file.exists() else None, checkpoint if checkpoint.exists() else None)
 
 
 def is_safetensors(path: Path) -> bool:

@@ -18,6 +18,7 @@ from torch import nn
 
 from .layers import GlobalPool, LipschitzModule, SLLConv2d, SLLLinear, safe_inverse, sll_linear_rescaling
 from .model import LipSim, exact_float32
+from .quiet import torch_notices_off
 
 __all__ = ["jacobian_spectral_norm", "LayerReport", "VerifyReport", "verify_model"]
 
@@ -33,7 +34,8 @@ def jacobian_spectral_norm(fn, x: torch.Tensor, iters: int = 30, seed: int = 0) 
     _, vjp_fn = torch.func.vjp(fn, x)
     sigma = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
     for _ in range(iters):
-        _, jv = torch.func.jvp(fn, (x,), (v,))
+        with torch_notices_off():  # torch's own jit-deprecation notice on first forward-AD use
+            _, jv = torch.func.jvp(fn, (x,), (v,))
         out_dims = tuple(range(1, jv.dim()))
         sigma = torch.linalg.vector_norm(jv, dim=out_dims)
         (w,) = vjp_fn(jv)

@@ -46,13 +46,9 @@ def add_model_args(parser: argparse.ArgumentParser, json_flag: bool = True) -> N
 
 def check_device(device: str) -> None:
     """A one-line error for a device this machine does not have (before any work starts)."""
-    import torch
+    from lipsim.devices import usable_device
 
-    try:
-        torch.empty(0, device=torch.device(device))
-    except (RuntimeError, AssertionError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__
-        raise CliError(f"device {device!r} is not usable here ({first})") from None
+    usable_device(device)
 
 
 def resolve_model(source: str | None, device: str = "cpu"):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from lipsim.certify import format_eps
+
 from . import (
     CliError,
     add_engine_arg,
@@ -17,7 +19,7 @@ from . import (
 from .batch import add_batch_args, add_resize_arg
 from .batch import register as register_batch
 
-UNITS = "ℓ2 norm over the 224×224 RGB image with pixels in [0,1]; 36/255 ≈ 0.141"
+UNITS = "ℓ2 norm over the 224×224 RGB image with pixels in [0,1]"
 
 
 def _untrained_note(model) -> str:
@@ -53,7 +55,7 @@ def cmd_distance(args) -> int:
     }
     text = (
         f"distance {d:.6f}   (1 - cosine of the embeddings: 0 = identical, 2 = opposite)\n"
-        f"certificate: changing A by any perturbation of norm ≤ {eps:.4f} ({UNITS}) keeps the "
+        f"certificate: changing A by any perturbation of norm ≤ {format_eps(eps)} ({UNITS}) keeps the "
         f"distance within [{float(lo[0]):.6f}, {float(hi[0]):.6f}]" + _untrained_note(model)
     )
     emit(args, payload, text)

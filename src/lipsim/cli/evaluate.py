@@ -338,7 +338,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="iterations (Square: queries); default as the reference "
         "harness: apgd-ce 100, pgd 1000 (l2) / 50 (linf), mifgsm 100, square 5000",
     )
-    p.add_argument("--step-size", type=float, default=0.01, help="step of pgd and mifgsm (default 0.01)")
+    p.add_argument(
+        "--step-size",
+        type=float,
+        default=None,
+        help="step of pgd (default 0.01, the reference harness's) and mifgsm (default 2.5·ε/steps, "
+        "so that it can reach ε; a step with steps × step < ε is reported)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=16)
     _metric_arg(p)

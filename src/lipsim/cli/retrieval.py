@@ -8,7 +8,7 @@ from pathlib import Path
 
 from . import CliError, add_model_args, emit, model_label, parse_eps_list, resolve_model
 
-UNITS = "ℓ2 norm over the 224×224 RGB query with pixels in [0,1]; 36/255 ≈ 0.141"
+UNITS = "ℓ2 norm over the 224×224 RGB query with pixels in [0,1]"
 UNITS_IMAGE = "ℓ2 norm over the 224×224 RGB image with pixels in [0,1]"
 
 

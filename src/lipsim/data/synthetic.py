@@ -43,6 +43,7 @@ from ..fileio import atomic_write, write_text_atomic
 from ._io import jpeg_roundtrip, open_rgb, pil_to_tensor, quantize, save_png
 from .errors import DatasetError
 from .folders import list_images
+from .night import SYNTHETIC_MARKER
 
 __all__ = [
     "FAMILIES",
@@ -544,7 +545,7 @@ def make_2afc(
     # no output path inside: the folder's bytes depend only on the seed and the photos
     record = {k: v for k, v in summary.items() if k != "out"}
     text = json.dumps({**record, "photo_keys": keys, "triplets": meta}, indent=1)
-    write_text_atomic(out / "synthetic.json", text)
+    write_text_atomic(out / SYNTHETIC_MARKER, text)  # also tells NightDataset the data is synthetic
 
     def write_csv(tmp: str) -> None:
         with open(tmp, "w", newline="", encoding="utf-8") as handle:

@@ -103,6 +103,8 @@ def run_attack(
         "eps": settings.eps,
         "steps": settings.steps,
         "step_size": settings.step_size if settings.attack in ("pgd", "mifgsm") else None,
+        "reach": settings.reach,
+        "reaches_budget": settings.reaches_budget,
         "l2_budget": budget,
         "natural_2afc": scoring.natural_score(clean),
         "attacked_2afc": scoring.natural_score(attacked),

@@ -200,15 +200,29 @@ class MIFGSML2(torchattacks.attack.Attack):
         return adv
 
 
+#: the reference harness's step for PGD and MI-FGSM (lipsim-method.md §4.3)
+HARNESS_STEP = 0.01
+#: MI-FGSM's default step is this many budgets over the number of steps, so that it can reach ε
+MIFGSM_STEP_BUDGETS = 2.5
+
+
 @dataclass
 class AttackSettings:
-    """What to run: ``attack`` in :data:`ATTACKS`, ``norm`` in :data:`NORMS`, budget ``eps``."""
+    """What to run: ``attack`` in :data:`ATTACKS`, ``norm`` in :data:`NORMS`, budget ``eps``.
+
+    ``step_size`` (PGD and MI-FGSM) defaults to the harness's 0.01 for PGD (its random start
+    already spreads over the whole ball) and to ``2.5·eps/steps`` for MI-FGSM, which starts at
+    the clean reference and moves exactly one step per iteration: with the harness's 0.01 and 100
+    steps it could never leave a ball of radius 1, so at ε = 2 or 3 it silently attacked a
+    smaller budget. :attr:`reach` is how far an attack can move; :attr:`reaches_budget` says
+    whether that covers ε.
+    """
 
     attack: str
     norm: str
     eps: float
     steps: int | None = None
-    step_size: float = 0.01
+    step_size: float | None = None
     seed: int = 0
 
     def __post_init__(self):
@@ -222,8 +236,23 @@ class AttackSettings:
             self.steps = default_steps(self.attack, self.norm)
         if self.steps < 1:
             raise ValueError("--steps must be at least 1")
-        if not self.step_size > 0:
-            raise ValueError("--step-size must be positive")
+        if self.step_size is None:
+            self.step_size = (
+                MIFGSM_STEP_BUDGETS * self.eps / self.steps if self.attack == "mifgsm" else HARNESS_STEP
+            )
+        if not (self.step_size > 0 and math.isfinite(self.step_size)):
+            raise ValueError("--step-size must be a positive number")
+
+    @property
+    def reach(self) -> float | None:
+        """The farthest (in the attack's norm) that MI-FGSM's iterates can get from the clean
+        reference: ``steps·step_size`` (each iteration moves by exactly one step in ℓ2 or at most
+        one in ℓ∞); ``None`` for attacks whose start or step rule covers the whole ball."""
+        return self.steps * self.step_size if self.attack == "mifgsm" else None
+
+    @property
+    def reaches_budget(self) -> bool:
+        return self.reach is None or self.reach >= self.eps
 
 
 def build_attack(model: nn.Module, s: AttackSettings) -> torchattacks.attack.Attack:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from ..certify import format_eps
 from ..fileio import atomic_write
 from . import scoring
 
@@ -65,20 +66,19 @@ PUBLISHED = {
         ("[RB] LipSim rebuttal", "LipSim margin 0.5", "natural 2AFC (BAPPS val)", 74.29),
     ],
 }
+#: what the source tags of :data:`PUBLISHED` stand for (summary.md lists the ones it uses)
+SOURCES = {
+    "[RB]": "the LipSim authors' ICLR 2024 rebuttal (rebuttal.md in the LipSim repository, since deleted)",
+    "[FC]": "Croce et al., fra31/perceptual-metrics: a third-party evaluation of the official LipSim "
+    "checkpoints",
+    "[DS]": "the DreamSim README (ssundaram21/dreamsim)",
+}
 #: [RB] certified BAPPS (traditional + cnn), ε in the reference's [-1, 1] units: 36, 72, 108 /255
 PUBLISHED_BAPPS_CERTIFIED = {
     "LipSim margin 0.2": (30.0, 12.96, 5.33),
     "LipSim margin 0.4": (31.74, 15.19, 7.0),
     "LipSim margin 0.5": (31.20, 15.07, 6.77),
 }
-
-
-def format_eps(eps: float) -> str:
-    """``0.1411... -> '36/255 (0.141)'``; plain decimals when not a multiple of 1/255."""
-    k = eps * 255
-    if abs(k - round(k)) < 1e-6 and round(k) % 255 != 0:
-        return f"{round(k)}/255 ({eps:.3f})"
-    return f"{eps:.4g}"
 
 
 def pct(value: float | None) -> str:
@@ -240,6 +240,10 @@ def eval_summary_markdown(result: dict) -> str:
             )
             lines += ["", f"(our row is at published-unit ε = {eps_txt})"]
         lines.append("")
+    text = "\n".join(lines)
+    used = [tag for tag in SOURCES if tag in text]
+    if used:
+        lines += ["Sources:", ""] + [f"- {tag} {SOURCES[tag]}" for tag in used] + [""]
     return "\n".join(lines)
 
 
@@ -271,6 +275,12 @@ def attack_text(r: dict) -> str:
         f"perturbations: max ‖δ‖₂ {r['max_delta_l2']:.4g}, max ‖δ‖∞ {r['max_delta_linf']:.4g}; "
         f"{r['n_projected']} projected back into the budget after the library"
     )
+    if not r.get("reaches_budget", True):
+        lines.append(
+            f"note: {r['attack']} moves at most steps × step size = {r['reach']:.4g} from the reference, "
+            f"less than ε = {r['eps']:.4g}: this attacked a smaller budget than ε "
+            "(raise --step-size or --steps)"
+        )
     return "\n".join(lines)
 
 

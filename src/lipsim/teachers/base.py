@@ -11,10 +11,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import LipSimError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 MIN_SIDE = 32
 RANGE_TOLERANCE = 1e-4  # float noise from resizing/augmentation may overshoot [0, 1] slightly
+
+
+class TeacherUnavailable(LipSimError, ImportError):
+    """A teacher whose package or weights are not installed; the message says what to install."""
 
 
 def check_images(x: torch.Tensor) -> None:

