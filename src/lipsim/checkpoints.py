@@ -267,7 +267,9 @@ def load(source=None, device="cpu", embedding: str | None = None, out_dim: int =
     if hub.is_published_name(source):
         entry = hub.published(source)
         path = hub.fetch(source)
-        return load_published(path, out_dim=entry.out_dim, embedding=embedding or entry.embedding, device=device)
+        return load_published(
+            path, out_dim=entry.out_dim, embedding=embedding or entry.embedding, device=device
+        )
     path = resolve_model_path(source)
     if is_safetensors(path):
         return _load_safetensors(path, device, embedding)
