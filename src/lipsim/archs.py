@@ -92,3 +92,14 @@ def build_backbone(config: ArchConfig | str) -> LipschitzBackbone:
         else:
             layers[name] = nn.Sequential(*(_module(spec) for spec in entry))
     return LipschitzBackbone(config, layers)
+
+
+def transplant(source: nn.Module, target: nn.Module) -> list[str]:
+    """Copies every parameter of ``source`` whose name and shape ``target`` also has (for example
+    a trained s2d-lite trunk into an s2d-lite-pool backbone); returns the names copied. The
+    target's other parameters keep their values."""
+    src = source.state_dict()
+    dst = target.state_dict()
+    copied = [k for k, v in dst.items() if k in src and tuple(src[k].shape) == tuple(v.shape)]
+    target.load_state_dict({**dst, **{k: src[k] for k in copied}})
+    return copied
