@@ -124,3 +124,12 @@ def test_thin_strip_is_cropped_without_building_the_full_resize():
     x = lipsim.preprocess(strip)
     assert x.shape == (1, 3, 224, 224)
     assert abs(float(x.mean()) - 200 / 255) < 1e-3
+
+
+def test_bundled_photos_have_paths():
+    from lipsim import assets
+
+    assert assets.names() == ["cat_a.jpg", "cat_b.jpg", "coffee.jpg"]
+    assert lipsim.load_image(assets.path("cat_a.jpg")).shape == (1, 3, 224, 224)
+    with pytest.raises(FileNotFoundError, match="bundled"):
+        assets.path("dog.jpg")
