@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import one_line
 from ..images import IMAGE_EXTENSIONS
 from .errors import DatasetError
 from .night import TripletDataset, TripletRecord
@@ -61,7 +62,7 @@ def _read_judge(path: Path) -> float:
     try:  # memory-mapped: a header that declares a huge shape cannot make us allocate it
         value = np.load(path, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError, EOFError) as exc:
-        msg = (str(exc).splitlines() or [type(exc).__name__])[0]
+        msg = one_line(exc, limit=10_000)
         raise DatasetError(f"{path}: cannot read judgement ({msg})") from None
     if not isinstance(value, np.ndarray):
         if hasattr(value, "close"):

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..errors import LipSimError
+from ..errors import LipSimError, one_line
 from ..images import check_images
 
 __all__ = [
@@ -259,9 +259,9 @@ def _teacher_metric(name: str, label: str, device) -> EmbeddingMetric:
     try:
         network = get_teacher(name, device=device)
     except ImportError as exc:  # e.g. the dreamsim package is not installed
-        raise MetricUnavailable(f"metric {label!r}: {str(exc).strip().splitlines()[0]}") from None
+        raise MetricUnavailable(f"metric {label!r}: {one_line(exc, limit=10_000)}") from None
     except FileNotFoundError as exc:  # weights not on disk (nothing is downloaded)
-        raise MetricUnavailable(f"metric {label!r}: {str(exc).strip().splitlines()[0]}") from None
+        raise MetricUnavailable(f"metric {label!r}: {one_line(exc, limit=10_000)}") from None
     network.eval().requires_grad_(False)
     return EmbeddingMetric(network, name=label, device=device)
 

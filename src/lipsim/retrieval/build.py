@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import LipSimError
+from ..errors import LipSimError, one_line
 from ..fileio import write_npy_atomic, write_text_atomic
 from ..images import IMAGE_EXTENSIONS, load_image
 from .identity import ModelIdentity
@@ -67,7 +67,7 @@ def _batches(
         try:
             return load_image(root / rel, size=size), None
         except (LipSimError, ValueError, OSError) as exc:
-            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            msg = one_line(exc, limit=10_000)
             prefix = f"{root / rel}: "
             return None, msg[len(prefix) :] if msg.startswith(prefix) else msg
 

@@ -25,6 +25,7 @@ import numpy as np
 
 from .. import fileio
 from ..errors import LipSimError
+from ..errors import one_line as first_line
 from .identity import ModelIdentity
 
 __all__ = [
@@ -78,12 +79,6 @@ def is_pairs(value) -> bool:
     return isinstance(value, list) and all(
         isinstance(p, list) and len(p) == 2 and all(isinstance(x, str) for x in p) for p in value
     )
-
-
-def first_line(exc: BaseException) -> str:
-    """The first line of an exception's message (at most 200 characters), or its type's name."""
-    text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
 def short(value) -> str:

@@ -28,6 +28,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
+from ..errors import one_line
 from ..fileio import atomic_write, write_text_atomic
 from .base import Teacher
 
@@ -210,7 +211,7 @@ class EmbeddingCache:
         try:
             self._open(meta_file)
         except (KeyError, TypeError, ValueError, RecursionError, OSError) as exc:
-            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            first = one_line(exc)
             if first.startswith(str(self.path)):
                 raise ValueError(first) from None
             raise ValueError(f"{self.path}: damaged embedding cache ({first})") from None

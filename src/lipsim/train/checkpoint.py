@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from ..checkpoints import TRAINING_CHECKPOINT_FORMAT, finite_in_float32
+from ..errors import one_line
 from ..fileio import atomic_write
 from ..spec import check_state
 
@@ -108,8 +109,7 @@ def load_checkpoint(path) -> dict:
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: no such checkpoint") from None
     except Exception as exc:  # corrupt file, unsafe pickle, ...: one line
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ValueError(f"{path}: not a readable training checkpoint ({msg[:160]})") from None
+        raise ValueError(f"{path}: not a readable training checkpoint ({one_line(exc, 160)})") from None
     if not isinstance(obj, dict) or obj.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path}: not a lipsim training checkpoint")
     if type(obj.get("format_version", 0)) is not int:
@@ -224,7 +224,7 @@ def restore_checkpoint(run: RunState, ckpt: dict) -> None:
             run.scaler.load_state_dict(ckpt["scaler"])
         set_rng_state(ckpt["rng"])
     except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as exc:
-        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
+        first = one_line(exc, 160, empty="")
         raise ValueError(
             f"{run.ckpt_path}: damaged training checkpoint ({type(exc).__name__}: {first})"
         ) from None
