@@ -108,9 +108,28 @@ def test_pairwise_from_cached_embeddings_matches_and_is_fast():
     rng = np.random.default_rng(0)
     emb = rng.standard_normal((1000, 1793)).astype(np.float32)  # the published models' dimension + 1
     emb /= np.linalg.norm(emb, axis=1, keepdims=True)
-    certify.pairwise_from_embeddings(emb[:10], emb[:10])  # warm-up
+    certify.pairwise_from_cached(emb[:10], None, 1793, "append")  # warm-up
     start = time.perf_counter()
-    out = certify.pairwise_from_embeddings(emb, emb)
+    out = certify.pairwise_from_cached(emb, None, 1793, "append")  # what model.pairwise(g) runs
     elapsed = time.perf_counter() - start
     assert out.shape == (1000, 1000) and float(np.abs(np.diag(out)).max()) < 1e-6
     assert elapsed < 1.0, f"1000 x 1000 pairwise took {elapsed:.2f} s"
+
+
+def test_pairwise_takes_cached_embeddings_in_both_engines(model):
+    x, y = torch.rand(3, 3, 224, 224), torch.rand(2, 3, 224, 224)
+    gx, gy = model.embed(x), model.embed(y)
+    assert torch.allclose(model.pairwise(gx, gy), model.pairwise(x, y), atol=1e-5)
+    engine = _twin(model)
+    assert np.allclose(engine.pairwise(gx.numpy(), gy.numpy()), model.pairwise(x, y).numpy(), atol=1e-5)
+    assert torch.allclose(model.pairwise(gx), model.pairwise(x), atol=1e-5)
+    if model.embedding == "append":
+        for got, want in zip(model.pairwise(gx, gy, eps=0.1), model.pairwise(x, y, eps=0.1), strict=True):
+            assert torch.allclose(got, want, atol=1e-5)
+    else:
+        with pytest.raises(ValueError, match="append-mode"):
+            model.pairwise(gx, gy, eps=0.1)
+    with pytest.raises(ValueError, match="embeddings"):
+        model.pairwise(gx[:, :-1])
+    with pytest.raises(ValueError, match="unit norm"):
+        model.pairwise(gx * 2)

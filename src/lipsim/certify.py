@@ -50,6 +50,7 @@ __all__ = [
     "certificate_from_features",
     "pairwise_from_features",
     "pairwise_from_embeddings",
+    "pairwise_from_cached",
 ]
 
 #: absolute slack (in distance units) subtracted from every certified margin
@@ -406,3 +407,20 @@ def pairwise_from_embeddings(gx, gy, eps=None, ref_norm=None):
     _finite_features(gx64, gy64)
     r = None if ref_norm is None else _f64(ref_norm)
     return _pairwise_out(*_pairwise(gx64, gy64, eps, r), _template(gx, gy))
+
+
+def pairwise_from_cached(gx, gy, dim: int, embedding: str, eps=None):
+    """``model.pairwise`` on cached embeddings (N, dim) and (M, dim) (``gy=None``: gx itself): checks
+    that they are a model's unit embeddings, then :func:`pairwise_from_embeddings`. Intervals of
+    plain-mode models need ‖f(x)‖, which a unit embedding has lost: pass images there."""
+    named = [(gx, "x")] if gy is None else [(gx, "x"), (gy, "y")]
+    for g, name in named:
+        shape = tuple(g.shape)
+        if len(shape) != 2 or shape[0] == 0 or shape[1] != dim:
+            raise ValueError(f"{name}: expected embeddings (N, {dim}) of this model, got shape {shape}")
+        norms = np.linalg.norm(_f64(g), axis=1)
+        if not np.all(np.abs(norms - 1.0) < 1e-3):  # False for NaN
+            raise ValueError(f"{name}: embeddings must have unit norm (use model.embed)")
+    if eps is not None and embedding != "append":
+        raise ValueError("intervals from cached embeddings need an append-mode model; pass images instead")
+    return pairwise_from_embeddings(gx, gx if gy is None else gy, eps)

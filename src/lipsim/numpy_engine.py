@@ -336,7 +336,9 @@ class NumpyLipSim:
         progress: bool | None = False,
     ):
         """All distances (N, M), each image embedded once; with ``eps`` also ``(lo, hi)``; as
-        :meth:`lipsim.LipSim.pairwise`."""
+        :meth:`lipsim.LipSim.pairwise` (cached embeddings (N, ``embed_dim``) too)."""
+        if isinstance(x, np.ndarray) and x.ndim == 2:
+            return certify.pairwise_from_cached(x, y, self.embed_dim, self.embedding, eps)
         sides = [(x, "x")] if y is None else [(x, "x"), (y, "y")]
         for images, name in sides:
             if not isinstance(images, np.ndarray) or images.ndim != 4 or len(images) == 0:
