@@ -1,6 +1,6 @@
 """Certificate mathematics as pure functions on embeddings (no modules, no I/O).
 
-Setting (lipsim-method.md §1.7-1.11). ``f`` is the 1-Lipschitz backbone, ``g = z/‖z‖`` the
+Setting (docs/method.md §1, §3 and §4). ``f`` is the 1-Lipschitz backbone, ``g = z/‖z‖`` the
 normalised embedding with ``z = [f; 1]`` ("append" mode, ours) or ``z = f`` ("plain" mode, the
 published checkpoints). ``d(x, y) = 1 - ⟨g(x), g(y)⟩ = ½‖g(x) - g(y)‖²``.
 
@@ -176,7 +176,7 @@ def _radius_2afc_plain(d0, d1, g0, g1, r) -> np.ndarray:
 
 
 def radius_2afc_plain(d0, d1, g0, g1, ref_norm):
-    """Sound radius for plain normalisation (published checkpoints), lipsim-method.md §1.11-1.
+    """Sound radius for plain normalisation (published checkpoints), docs/method.md §4.3.
 
     With ``m = |d0 - d1|``, ``B = ‖g0 - g1‖``, ``r = ‖f(x_ref)‖``: the decision holds while
     ``B·ρ(ε) < m``. (i) ``ρ(ε) = ε/√(r(r-ε))`` gives ``ε* = r·m·(√(m² + 4B²) - m)/(2B²)``, the

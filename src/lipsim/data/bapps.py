@@ -1,4 +1,4 @@
-"""BAPPS 2AFC triplets (LPIPS) from the published folder layout (lipsim-method.md §5.2).
+"""BAPPS 2AFC triplets (LPIPS) from the published folder layout (docs/method.md §8.2).
 
 Layout: ``<2afc>/<split>/<category>/{ref,p0,p1}/NNNNNN.png`` and ``judge/NNNNNN.npy`` (one float
 per triplet, the fraction of judges preferring ``p1``). ``root`` may be
@@ -26,7 +26,7 @@ from .night import TripletDataset, TripletRecord
 
 __all__ = ["BappsDataset", "BAPPS_CATEGORIES", "find_bapps_2afc"]
 
-#: default categories per split, in reporting order (lipsim-method.md §4.5, §5.2)
+#: default categories per split, in reporting order (docs/method.md §7.4, §8.2)
 BAPPS_CATEGORIES = {
     "val": ("traditional", "cnn", "superres", "deblur", "color", "frameinterp"),
     "train": ("traditional", "cnn", "mix"),

@@ -1,4 +1,4 @@
-"""NIGHT (DreamSim's "NIGHTS") 2AFC triplets from the published folder layout (lipsim-method.md §5.1).
+"""NIGHT (DreamSim's "NIGHTS") 2AFC triplets from the published folder layout (docs/method.md §8.1).
 
 ``root`` is the folder that holds ``data.csv`` (and, relative to it, ``ref/…`` and ``distort/…``).
 ``data.csv`` is read the way the reference loaders read it: **by position** for column 0 (``id``),

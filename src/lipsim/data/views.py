@@ -1,4 +1,4 @@
-"""The two student views of the distillation stage (lipsim-method.md §3.1).
+"""The two student views of the distillation stage (docs/method.md §6.1).
 
 ``DistillViews(mode)(image, generator)`` returns ``(view_a, view_b)``, two (3, 224, 224) float32
 tensors in [0, 1]:

@@ -1,4 +1,4 @@
-"""Empirical attacks on 2AFC decisions through torchattacks (lipsim-method.md §4.3).
+"""Empirical attacks on 2AFC decisions through torchattacks (docs/method.md §7.2).
 
 Threat model: only the reference is perturbed, inside the ℓ2 or ℓ∞ ball of radius ε around it
 (in [0, 1] pixel units) and clipped to [0, 1]; x0 and x1 stay clean.
@@ -67,7 +67,7 @@ PER_SAMPLE = frozenset({"square"})
 
 
 def default_steps(attack: str, norm: str) -> int:
-    """Iterations (queries for Square) used by the reference harness (lipsim-method.md §4.3)."""
+    """Iterations (queries for Square) used by the reference harness (docs/method.md §7.2)."""
     if attack == "apgd-ce":
         return 100
     if attack == "pgd":
@@ -200,7 +200,7 @@ class MIFGSML2(torchattacks.attack.Attack):
         return adv
 
 
-#: the reference harness's step for PGD and MI-FGSM (lipsim-method.md §4.3)
+#: the reference harness's step for PGD and MI-FGSM (docs/method.md §7.2)
 HARNESS_STEP = 0.01
 #: MI-FGSM's default step is this many budgets over the number of steps, so that it can reach ε
 MIFGSM_STEP_BUDGETS = 2.5

@@ -2,7 +2,7 @@
 
 For each image x, ℓ2-PGD maximises ``d(x, x + δ)`` over ``‖δ‖₂ ≤ ε`` (random start inside the
 ball, since the gradient vanishes at δ = 0; steps along the normalised gradient; projection onto
-the ball; clipping to [0, 1]; the best iterate per image is kept). lipsim-method.md §4.4.
+the ball; clipping to [0, 1]; the best iterate per image is kept). docs/method.md §7.3.
 
 For LipSim the answer is bounded (§1.10): with g 1-Lipschitz and unit-norm ("append" embedding),
 ``d(x, x + δ) = ½‖g(x) - g(x + δ)‖² ≤ ½‖δ‖² ≤ ½ε²``. For the published "plain" embedding g is

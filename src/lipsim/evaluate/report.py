@@ -4,7 +4,7 @@ Pure formatting: functions take the result dicts of :mod:`lipsim.evaluate` and r
 write image files; nothing here prints. Plots use matplotlib's object API with the Agg canvas,
 so no global backend or pyplot state is touched.
 
-Published numbers (lipsim-method.md §6) are stored in :data:`PUBLISHED` with their source tag;
+Published numbers (docs/method.md §9) are stored in :data:`PUBLISHED` with their source tag;
 only values that were actually seen are listed (the paper's own tables were not available).
 """
 
@@ -36,7 +36,7 @@ __all__ = [
 
 #: ≈10 % of NIGHT's ≈20k unanimous triplets (exact count not in our sources: read it from data.csv)
 NIGHT_TEST_APPROX_N = 2000
-#: BAPPS 2AFC val triplets per category (lipsim-method.md §5.2, rounded there)
+#: BAPPS 2AFC val triplets per category (docs/method.md §8.2, rounded there)
 BAPPS_VAL_APPROX_N = {
     "traditional": 4700,
     "cnn": 4700,
@@ -164,7 +164,7 @@ def data_caveats(result: dict) -> list[str]:
 
 
 def eval_summary_markdown(result: dict) -> str:
-    """``summary.md``: our numbers next to the published ones (lipsim-method.md §6)."""
+    """``summary.md``: our numbers next to the published ones (docs/method.md §9)."""
     dataset = result["dataset"]
     lines = [f"# {dataset.upper()} {result['split']}: 2AFC evaluation", ""]
     lines += [
@@ -214,7 +214,7 @@ def eval_summary_markdown(result: dict) -> str:
     if dataset == "night":
         lines += [
             "No published *certified* NIGHT score was available to us (the LipSim paper's tables were not "
-            "seen, lipsim-method.md §6.4); [FC] evaluated the official checkpoints with plain cosine on f.",
+            "seen, docs/method.md §9); [FC] evaluated the official checkpoints with plain cosine on f.",
             "",
         ]
     if dataset == "bapps":
@@ -222,7 +222,7 @@ def eval_summary_markdown(result: dict) -> str:
             "### Certified BAPPS, in the published units",
             "",
             "The reference code fed BAPPS images in [−1, 1], so its radii are twice ours (its ε = our ε/2, "
-            "lipsim-method.md §1.11-5), and it certified only `traditional` + `cnn`, count-weighted.",
+            "docs/method.md §7.4), and it certified only `traditional` + `cnn`, count-weighted.",
             "",
             "| | cert@36/255 | cert@72/255 | cert@108/255 |",
             "|---|---|---|---|",

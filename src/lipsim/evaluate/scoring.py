@@ -1,4 +1,4 @@
-"""2AFC scoring as pure functions (api.md "Scores"; lipsim-method.md §1.9, §4.1, §4.2).
+"""2AFC scoring as pure functions (docs/api.md "Scores"; docs/method.md §7.1).
 
 A triplet is ``(ref, x0, x1)`` with human preference ``y`` ∈ [0, 1], the fraction of judges who
 found ``x1`` closer to ``ref`` (NIGHT: 0/1 ``right_vote``; BAPPS: k/5). With the metric's

@@ -1,4 +1,4 @@
-"""Running a metric over a 2AFC dataset: distances, radii and the score summary (api.md ``eval``).
+"""Running a metric over a 2AFC dataset: distances, radii and the score summary (docs/api.md, eval).
 
 :func:`open_2afc` opens NIGHT or BAPPS through :mod:`lipsim.data`; :func:`run_2afc` computes per
 triplet ``d0``, ``d1`` and, for certified metrics, the certified radius (through
@@ -169,7 +169,7 @@ def run_2afc(
     return res
 
 
-#: BAPPS categories of LipSim's certified BAPPS evaluation (lipsim-method.md §4.5)
+#: BAPPS categories of LipSim's certified BAPPS evaluation (docs/method.md §7.4)
 BAPPS_CERTIFIED_CATEGORIES = ("traditional", "cnn")
 
 
@@ -177,7 +177,7 @@ def _bapps_published_units(res: TripletResults, eps_list: Sequence[float] = DEFA
     """Our certified BAPPS score in the units of the published one, at the published ε (36/72/108 /255).
 
     The reference code fed BAPPS images in [-1, 1], so its radii are twice ours: its ε equals our
-    ε/2 (lipsim-method.md §1.11-5); it also used only traditional + cnn, count-weighted. Its score
+    ε/2 (docs/method.md §7.4); it also used only traditional + cnn, count-weighted. Its score
     is the reference evaluator's (§1.9): a triplet counts 1 when the metric agrees with the
     judges' majority ``round(y)`` (ties to "x0", as its argmax) and is certified, else 0; the
     fractional 2AFC score under the same certificate is given beside it as ``score_fractional``.

@@ -1,7 +1,7 @@
 """Certificates for retrieval: a stable nearest neighbour and a stable duplicate verdict.
 
 Pure functions on embeddings and distances (float64, built on :mod:`lipsim.certify`); no
-index, no model. Notation as in lipsim-method.md §1.7-1.10: ``g`` is the unit-norm embedding,
+index, no model. Notation as in docs/method.md §1 and §3: ``g`` is the unit-norm embedding,
 ``d(x, y) = 1 - ⟨g(x), g(y)⟩``, every radius an ℓ2 norm in the [0, 1] pixel space of the query.
 
 **Top-1 under a perturbed query** (:func:`top1_radius`). Let ``a`` be the gallery item nearest

@@ -70,7 +70,7 @@ class DreamSimTeacher(Teacher):
     """DreamSim embedding ``model.embed(x)`` of 224x224 inputs (resized bilinearly when needed).
 
     The embedding is returned exactly as the installed DreamSim computes it with
-    ``normalize_embeds=True``. That order changed (lipsim-method.md §1.7): releases up to 0.2.0,
+    ``normalize_embeds=True``. That order changed (docs/method.md §3): releases up to 0.2.0,
     and the copy vendored in the LipSim code that made the published targets, divide by the norm
     and then centre (norms at most 1); later releases centre and then divide (unit norm). The
     published targets are reproduced only with a release up to 0.2.0.

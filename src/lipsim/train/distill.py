@@ -1,4 +1,4 @@
-"""Stage 1: distil a teacher's embedding into a 1-Lipschitz student (lipsim-method.md §3.1).
+"""Stage 1: distil a teacher's embedding into a 1-Lipschitz student (docs/method.md §6.1).
 
 For each image the dataset gives two views (a: crop + flip, b: a + colour jitter/grayscale).
 The teacher embeds view a (no gradient); the student's backbone output f(x), *not* normalised,

@@ -1,4 +1,4 @@
-"""Stage 2: fine-tune on human (or synthetic) 2AFC judgements with a hinge loss (lipsim-method.md §3.2).
+"""Stage 2: fine-tune on human (or synthetic) 2AFC judgements with a hinge loss (docs/method.md §6.2).
 
 For a triplet (ref, x0, x1) with label y (the fraction preferring x1) and the appended-constant
 embedding g (``model.embedding == "append"``: g is 1-Lipschitz, so certificates stay sound)::
@@ -84,7 +84,7 @@ def hinge_loss(d0: torch.Tensor, d1: torch.Tensor, y: torch.Tensor, margin: floa
 
 
 def two_afc_score(d0: torch.Tensor, d1: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Per-triplet 2AFC agreement ``1[d0<d1]·(1-y) + 1[d1<d0]·y + 0.5·1[d0=d1]`` (api.md)."""
+    """Per-triplet 2AFC agreement ``1[d0<d1]·(1-y) + 1[d1<d0]·y + 0.5·1[d0=d1]`` (docs/api.md "Scores")."""
     y = y.float().to(d0.device)
     return (d0 < d1).float() * (1 - y) + (d1 < d0).float() * y + 0.5 * (d0 == d1).float()
 
