@@ -334,7 +334,8 @@ def test_threshold_radius_exact_values():
 
 def test_float32_noise_is_inside_the_slack():
     """A margin of 5e-6 (hundreds of float32 ulps at d ≈ 0.1, the size of the rounding error of a
-    float32 forward pass) is noise, not a decision: no radius, and a zero-ε interval covers it."""
+    float32 forward pass) is noise, not a decision: no radius, and a zero-ε interval covers it
+    (on s = ‖g(x) - g(y)‖ when s is given)."""
     g0, g1 = np.array([[0.6, 0.8]]), np.array([[0.8, 0.6]])
     d0, d1 = np.array([0.1]), np.array([0.1 + 5e-6])
     assert certify.radius_2afc(d0, d1, g0, g1)[0] == 0.0
@@ -342,8 +343,9 @@ def test_float32_noise_is_inside_the_slack():
     assert certify.radius_threshold(d0, 0.1 + 5e-6)[0] == 0.0
     lo, hi = certify.distance_interval(d0, 0.0)
     assert lo[0] <= 0.1 - 5e-6 and 0.1 + 5e-6 <= hi[0]
-    lo, hi = certify.distance_interval(d0, 0.0, s=np.sqrt(2 * d0))
-    assert lo[0] <= 0.1 - 5e-6 and 0.1 + 5e-6 <= hi[0]
+    s = np.sqrt(2 * d0)  # given s = ‖g(x) - g(y)‖, the noise allowed is on s (EMBED_SLACK)
+    lo, hi = certify.distance_interval(d0, 0.0, s=s)
+    assert lo[0] <= 0.5 * (s[0] - 5e-6) ** 2 and 0.5 * (s[0] + 5e-6) ** 2 <= hi[0]
 
 
 # -- plumbing: the caller's kind out, NumPy and torch agree ------------------------------------
