@@ -359,6 +359,4 @@ class NumpyLipSim:
         n_ref = certify.check_2afc_batches(len(ref), len(x0), len(x1))
         f = self._features_of((ref, "ref"), (x0, "x0"), (x1, "x1"))
         f_ref, f0, f1 = np.split(f, [n_ref, n_ref + len(x0)])
-        return certify.certificate_from_features(
-            np.broadcast_to(f_ref, f0.shape), f0, f1, self.embedding
-        )
+        return certify.certificate_from_features(np.broadcast_to(f_ref, f0.shape), f0, f1, self.embedding)
