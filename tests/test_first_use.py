@@ -132,6 +132,15 @@ def test_load_accepts_a_training_checkpoint_and_a_run_folder(interrupted_run, im
     assert torch.equal(init.eval()(x, y), lipsim.load(interrupted_run, embedding="append")(x, y))
 
 
+def test_the_cli_takes_a_run_folder_as_model(interrupted_run, tmp_path, capsys):
+    a = tmp_path / "a.png"
+    Image.fromarray(np.full((40, 40, 3), 70, np.uint8)).save(a)
+    assert main(["distance", str(a), str(a), "--model", str(interrupted_run), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["arch"] == "tiny-s2d" and out["engine"] == "torch"
+    assert out["distance"] == pytest.approx(0, abs=1e-6)
+
+
 def test_a_damaged_training_checkpoint_is_a_one_line_checkpoint_error(interrupted_run, tmp_path):
     ckpt = torch.load(interrupted_run / "checkpoints" / "last.pt", weights_only=True)
     ckpt["model"].pop(next(iter(ckpt["model"])))
