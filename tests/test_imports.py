@@ -61,11 +61,7 @@ ALLOWED_UPWARD = {
     ("lipsim.numpy_engine", "lipsim.certify"),
 }
 #: strongly connected groups of modules that exist today, each with its reason
-ALLOWED_CYCLES = {
-    # the model loads checkpoints (LipSim.load) and checkpoints build models: the issue's
-    # "one torch-free module that knows model files" removes it
-    frozenset({"lipsim.model", "lipsim.checkpoints"}),
-}
+ALLOWED_CYCLES: set[frozenset[str]] = set()
 
 
 def _module_name(path: Path, src: Path) -> str:

@@ -1,61 +1,52 @@
-"""Model files: our safetensors format, published ``.pth`` checkpoints, the packaged default.
+"""Model files as torch modules: :func:`load`, :func:`save` and published ``.pth`` checkpoints.
 
-* Ours: one safetensors file; metadata ``format=lipsim``, ``arch`` (ArchConfig JSON) and
-  ``embedding`` ("append" | "plain"). No pickle anywhere.
-* Published LipSim checkpoints (lipsim-method.md §3.4): a torch pickle holding a dict with
-  ``model_state_dict`` whose keys carry ``module.model.`` and appear twice (``convs.i`` and
-  ``base.1.i``, ``linear.j`` and ``base.2.j``). Read with ``weights_only=True``: a file that
-  would need to run code when unpickled is refused.
+What a model file holds and every check it must pass live in :mod:`lipsim.modelfiles`
+(torch-free, shared with the NumPy engine); this module adds what needs torch: weights-only
+unpickling of published ``.pth`` files (docs/method.md §9) and training checkpoints, and building
+the :class:`~lipsim.model.LipSim` that holds checked weights. Reading a file that would need to
+run code when unpickled is refused.
 """
 
 from __future__ import annotations
 
-import json
 import pickle
-import re
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
-from .archs import ArchConfig, build_backbone, get_config, list_archs
+from . import hub
+from .archs import ArchConfig, build_backbone
 from .devices import usable_device
-from .errors import CheckpointError
-from .fileio import atomic_write
+from .errors import CheckpointError, one_line
 from .model import LipSim
-from .modelfiles import default_model_path, is_safetensors, resolve_model_path
-from .quiet import torch_notices_off
-from .spec import (
-    EMBEDDINGS,
-    FORMAT,
-    FORMAT_VERSION,
+from .modelfiles import (
+    PUBLISHED_OUT_DIM,
     check_dtype,
     check_state,
-    config_from_metadata,
-    layer_plan,
+    default_model_path,
+    is_safetensors,
+    is_training_checkpoint,
+    published_layout,
+    read_safetensors,
+    resolve_model_path,
+    training_checkpoint_model,
 )
+from .quiet import torch_notices_off
 
-__all__ = ["load", "save_model", "load_published", "default_model_path", "PUBLISHED_OUT_DIM"]
-
-#: output dimension of the published checkpoints (DreamSim ensemble teacher)
-PUBLISHED_OUT_DIM = 1792
-#: the ``format`` entry of a training checkpoint (written by :mod:`lipsim.train.loop`)
-TRAINING_CHECKPOINT_FORMAT = "lipsim-train"
+__all__ = ["load", "save", "save_model", "load_published", "default_model_path", "PUBLISHED_OUT_DIM"]
 
 
-def save_model(model: LipSim, path, extra_metadata: dict | None = None) -> None:
-    """Saves a :class:`LipSim` into one safetensors file, atomically."""
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.backbone.state_dict().items()}
-    metadata = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "arch": model.config.to_json(),
-        "embedding": model.embedding,
-    }
-    for key, value in (extra_metadata or {}).items():
-        metadata[str(key)] = value if isinstance(value, str) else json.dumps(value)
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+def save(model: LipSim, path, extra_metadata: dict | None = None) -> None:
+    """Saves a :class:`LipSim` into one safetensors file, atomically: the same call as
+    ``model.save(path)`` (one writer, :meth:`LipSim.save`; the format is :mod:`lipsim.modelfiles`').
+    ``extra_metadata`` adds text entries to the file's header (a trainer's teacher, data, ...)."""
+    if not isinstance(model, LipSim):
+        raise TypeError(f"lipsim.save takes a LipSim model, got {type(model).__name__}")
+    model.save(path, extra_metadata=extra_metadata)
+
+
+#: the name training and the scripts use
+save_model = save
 
 
 def _finish(model: LipSim, device) -> LipSim:
@@ -64,14 +55,8 @@ def _finish(model: LipSim, device) -> LipSim:
 
 
 def _load_safetensors(path: Path, device, embedding: str | None) -> LipSim:
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            meta = fh.metadata() or {}
-            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
-    config, mode = config_from_metadata(meta, path, embedding)
-    return _finish(build_checked(config, mode, tensors, path), device)
+    found = read_safetensors(path, framework="pt", embedding=embedding)
+    return _finish(build_checked(found.config, found.embedding, found.state, path), device)
 
 
 def finite_in_float32(t: torch.Tensor) -> bool:
@@ -90,82 +75,6 @@ def build_checked(config: ArchConfig, embedding: str, state: dict, path) -> LipS
     model = LipSim(build_backbone(config), embedding=embedding)
     model.backbone.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
     return model
-
-
-_BASE_KEY = re.compile(r"^base\.(1|2)\.(\d+)\.(.+)$")
-
-
-def normalise_published_keys(state: dict) -> dict:
-    """Strips ``module.``/``model.``/``backbone.`` prefixes, maps ``base.*`` duplicates onto
-    ``convs``/``linear`` names (checking that duplicates agree) and drops ``alpha`` entries."""
-    out: dict[str, torch.Tensor] = {}
-    for key, value in state.items():
-        k = key
-        for prefix in ("module.", "model.", "backbone."):
-            if k.startswith(prefix):
-                k = k[len(prefix) :]
-        if "alpha" in k:
-            continue
-        m = _BASE_KEY.match(k)
-        if m:
-            k = f"{'convs' if m.group(1) == '1' else 'linear'}.{m.group(2)}.{m.group(3)}"
-        if k in out:
-            if not torch.equal(out[k], value):
-                raise CheckpointError(f"duplicate entries for {k} disagree")
-            continue
-        out[k] = value
-    return out
-
-
-_LAYER_KEY = re.compile(r"^(convs|linear)\.(\d{1,6})\.(kernel|weight)$")
-
-
-def _published_config(state: dict, out_dim: int, path) -> ArchConfig:
-    idx: dict[str, set[int]] = {"convs": set(), "linear": set()}
-    for key in state:
-        m = _LAYER_KEY.match(key)
-        if m and (m.group(1) == "convs") == (m.group(3) == "kernel"):
-            idx[m.group(1)].add(int(m.group(2)))
-    conv_idx, lin_idx = sorted(idx["convs"]), sorted(idx["linear"])
-    if not conv_idx or not lin_idx:
-        raise CheckpointError(f"{path}: no SLL convolution/linear weights found (not a LipSim checkpoint?)")
-    if conv_idx != list(range(len(conv_idx))) or lin_idx != list(range(1, len(lin_idx) + 1)):
-        raise CheckpointError(f"{path}: layer indices are not contiguous (not a LipSim checkpoint?)")
-    kernel = state[f"convs.{conv_idx[0]}.kernel"]
-    weight = state[f"linear.{lin_idx[0]}.weight"]
-    if kernel.dim() != 4 or weight.dim() != 2 or 0 in kernel.shape or 0 in weight.shape:
-        raise CheckpointError(
-            f"{path}: convs.0.kernel {tuple(kernel.shape)} / linear.1.weight {tuple(weight.shape)} "
-            "are not a 4-d kernel and a 2-d weight (not a LipSim checkpoint?)"
-        )
-    conv_size, channels = int(kernel.shape[0]), int(kernel.shape[1])
-    n_features, flat = int(weight.shape[0]), int(weight.shape[1])
-    side2 = flat // channels
-    side = int(round(side2**0.5))
-    if side * side * channels != flat:
-        raise CheckpointError(f"{path}: linear input size {flat} does not match {channels} channels")
-    if out_dim > flat:
-        raise CheckpointError(
-            f"{path}: out_dim {out_dim} exceeds the network's {flat} features (pass out_dim=...)"
-        )
-    fields = dict(
-        family="published",
-        out_dim=out_dim,
-        input_size=side * 16,
-        depth=len(conv_idx),
-        channels=channels,
-        conv_size=conv_size,
-        depth_linear=len(lin_idx),
-        n_features=n_features,
-    )
-    for name in list_archs():
-        cfg = get_config(name)
-        if cfg.family == "published" and all(getattr(cfg, k) == v for k, v in fields.items()):
-            return cfg
-    try:
-        return ArchConfig(name="published-custom", **fields)
-    except ValueError as exc:
-        raise CheckpointError(f"{path}: not a usable LipSim checkpoint ({exc})") from None
 
 
 def load_published(path, out_dim: int = PUBLISHED_OUT_DIM, embedding: str = "plain", device="cpu") -> LipSim:
@@ -198,7 +107,7 @@ def read_torch_file(path: Path):
             f"execute (it could run code); lipsim never unpickles untrusted files [{detail[0][:120]}]"
         ) from None
     except Exception as exc:  # any failure to parse a user file is a one-line error
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        msg = one_line(exc, empty="")
         msg = f"{type(exc).__name__}: {msg}" if len(msg) < 20 else msg
         if "weights_only" in str(exc) or "Weights only" in str(exc):
             raise CheckpointError(
@@ -209,24 +118,12 @@ def read_torch_file(path: Path):
     return obj
 
 
-def is_training_checkpoint(obj) -> bool:
-    """Whether an unpickled object is a training checkpoint (``checkpoints/last.pt`` of a run)."""
-    return isinstance(obj, dict) and obj.get("format") == TRAINING_CHECKPOINT_FORMAT
-
-
 def model_from_training_checkpoint(ckpt: dict, where, embedding: str | None = None) -> LipSim:
     """The model held by a training checkpoint (``lipsim train ...``'s ``last.pt``), its weights
     checked against its architecture before anything is built; ``embedding`` overrides the one
     it was trained with."""
-    try:
-        config = ArchConfig.from_json(ckpt["arch"])
-        layer_plan(config)
-    except (KeyError, ValueError, TypeError, RecursionError) as exc:
-        raise CheckpointError(f"{where}: bad architecture in checkpoint ({str(exc)[:200]})") from None
-    embedding = embedding or ckpt.get("embedding", "append")
-    if embedding not in EMBEDDINGS or not isinstance(ckpt.get("model"), dict):
-        raise CheckpointError(f"{where}: damaged checkpoint (embedding {embedding!r}, model weights)")
-    return build_checked(config, embedding, ckpt["model"], where)
+    config, mode, state = training_checkpoint_model(ckpt, where, embedding)
+    return build_checked(config, mode, state, where)
 
 
 def _published_from(obj, path: Path, out_dim: int, embedding: str, device) -> LipSim:
@@ -244,26 +141,20 @@ def _published_from(obj, path: Path, out_dim: int, embedding: str, device) -> Li
         check_dtype(key, value.dtype, path)
         if value.layout != torch.strided:
             raise CheckpointError(f"{path}: {key} is a {value.layout} tensor; weights must be dense")
-    try:
-        state = normalise_published_keys(state)
-    except CheckpointError as exc:
-        raise CheckpointError(f"{path}: {exc}") from None
-    config = _published_config(state, out_dim, path)
+    config, state = published_layout(state, out_dim, path, torch.equal)
     return _finish(build_checked(config, embedding, state, path), device)
 
 
 def load(source=None, device="cpu", embedding: str | None = None, out_dim: int = PUBLISHED_OUT_DIM) -> LipSim:
-    """Loads a model: ``None``/"default" (packaged), a ``.safetensors`` file, a published ``.pth``,
-    or a published checkpoint by name (``"lipsim-margin-0.5"``, ``"lipsim-margin-0.2"``,
-    ``"lipsim-pretrained"``; see :mod:`lipsim.hub`).
+    """Loads a model: ``None``/"default" (packaged), a ``.safetensors`` file, a training run folder
+    or its ``checkpoints/last.pt``, a published ``.pth``, or a published checkpoint by name
+    (``"lipsim-margin-0.5"``, ``"lipsim-margin-0.2"``, ``"lipsim-pretrained"``; see :mod:`lipsim.hub`).
 
     The model is returned in eval mode with gradients off for its parameters (input gradients
     still work). Only a published name not yet in the cache is downloaded (once, hash recorded,
     verified on every later load). ``out_dim`` applies to published checkpoints only (their
     truncation size is not stored in the file: 1792 for the DreamSim-ensemble teacher).
     """
-    from . import hub
-
     if hub.is_published_name(source):
         entry = hub.published(source)
         path = hub.fetch(source)

@@ -24,6 +24,7 @@ from .batching import in_batches
 from .errors import LipSimError
 from .images import check_images
 from .layers import _ieee_float32
+from .modelfiles import model_metadata, write_safetensors
 from .spec import EMBEDDINGS
 
 __all__ = ["LipSim", "EMBEDDINGS", "exact_float32"]
@@ -211,11 +212,13 @@ class LipSim(nn.Module):
         return self._normalise(f.float())
 
     # -- persistence ----------------------------------------------------------------------------
-    def save(self, path) -> None:
-        """Writes weights and configuration into one safetensors file (atomically)."""
-        from .checkpoints import save_model
-
-        save_model(self, path)
+    def save(self, path, extra_metadata: dict | None = None) -> None:
+        """Writes weights and configuration into one safetensors file (atomically), the format of
+        :mod:`lipsim.modelfiles`; ``lipsim.save(model, path)`` is the same call. ``extra_metadata``
+        adds text entries to the header (a trainer's teacher, data, ...)."""
+        state = self.backbone.state_dict()
+        tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+        write_safetensors(path, tensors, model_metadata(self.config, self.embedding, extra_metadata))
 
     @classmethod
     def from_config(cls, config: ArchConfig | str, embedding: str = "append") -> LipSim:

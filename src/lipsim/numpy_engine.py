@@ -29,16 +29,8 @@ from . import certify
 from .batching import in_batches
 from .errors import CheckpointError
 from .images import check_image_array
-from .modelfiles import is_safetensors, resolve_model_path
-from .spec import (
-    ArchConfig,
-    LayerSpec,
-    check_dtype,
-    check_state,
-    config_from_metadata,
-    flat_layers,
-    layer_plan,
-)
+from .modelfiles import check_state, is_safetensors, read_safetensors, resolve_model_path, tensor_dtypes
+from .spec import ArchConfig, LayerSpec, flat_layers, layer_plan
 
 __all__ = ["NumpyLipSim", "supported"]
 
@@ -229,10 +221,7 @@ def supported(source) -> bool:
     except (CheckpointError, OSError):
         return False
     try:  # bfloat16 weights need torch; anything unreadable is left to load() to explain
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="numpy") as fh:
-            return all(fh.get_slice(k).get_dtype() != "BF16" for k in fh.keys())
+        return "BF16" not in tensor_dtypes(path).values()
     except Exception:
         return True
 
@@ -258,25 +247,11 @@ class NumpyLipSim:
 
     @classmethod
     def load(cls, source=None, embedding: str | None = None) -> NumpyLipSim:
-        """A safetensors model file, or ``None``/"default" for the packaged model."""
-        from safetensors import SafetensorError, safe_open
-
+        """A safetensors model file, or ``None``/"default" for the packaged model, read and
+        checked by :func:`lipsim.modelfiles.read_safetensors` (the one reader of model files)."""
         path = resolve_model_path(source)
-        try:
-            with safe_open(str(path), framework="numpy") as fh:
-                meta = fh.metadata() or {}
-                config, mode = config_from_metadata(meta, path, embedding)
-                for key in fh.keys():  # from the header, before NumPy meets a dtype it lacks
-                    dtype = fh.get_slice(key).get_dtype()
-                    check_dtype(key, dtype, path)
-                    if dtype == "BF16":
-                        raise CheckpointError(
-                            f"{path}: {key} is bfloat16, which NumPy cannot hold; use --engine torch"
-                        )
-                state = {k: fh.get_tensor(k) for k in fh.keys()}
-        except (SafetensorError, OSError, TypeError) as exc:
-            raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
-        return cls(config, state, embedding=mode, source=path)
+        found = read_safetensors(path, framework="numpy", embedding=embedding)
+        return cls(found.config, found.state, embedding=found.embedding, source=path)
 
     # -- description ----------------------------------------------------------------------------
     @property

@@ -8,7 +8,7 @@ gives the state-dict keys and shapes a checkpoint of an architecture must hold.
 Two families:
 
 * ``published``: the LipSim architectures small/medium/large/xlarge exactly as in the paper's
-  code (lipsim-method.md §2.1): zero channel padding, ``depth`` SLL convolutions at full
+  code (docs/method.md §2.5): zero channel padding, ``depth`` SLL convolutions at full
   resolution, two 4×4 sum/4 pools (224 -> 14), flatten, ``depth_linear`` SLL linear layers,
   truncation to ``out_dim``. Group names (``convs``, ``linear``) match the published state dict.
 * ``s2d``: our faster family. An exact space-to-depth rearrangement replaces zero channel
@@ -21,9 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Callable
-
-from .errors import CheckpointError
 
 __all__ = [
     "ArchConfig",
@@ -32,25 +29,16 @@ __all__ = [
     "HEADS",
     "SLL_KERNEL_SIZE",
     "register",
-    "check_dtype",
-    "FLOAT_DTYPES",
     "get_config",
     "list_archs",
     "layer_plan",
     "expected_state",
     "EMBEDDINGS",
-    "FORMAT",
-    "FORMAT_VERSION",
-    "config_from_metadata",
-    "check_state",
 ]
 
 FAMILIES = ("published", "s2d")
 #: how an embedding is normalised: "append" ([f; 1], our models) or "plain" (published ones)
 EMBEDDINGS = ("append", "plain")
-#: metadata of our safetensors model files
-FORMAT = "lipsim"
-FORMAT_VERSION = "1"
 #: spatial size of every SLL convolution kernel (the published code's choice)
 SLL_KERNEL_SIZE = 3
 #: s2d heads: "grid" (sum/k pool, flatten: the feature keeps a coarse spatial grid) or a global
@@ -66,8 +54,6 @@ _MAX_STAGES = 16
 _MAX_ACTIVATION = 1 << 28
 #: the input is in [0, 1]: a larger centre only throws float32 precision away
 _MAX_CENTER = 16.0
-#: floating dtypes a model file may hold: safetensors header names and their array/tensor names
-FLOAT_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
 #: (field, smallest, largest) for the integer fields of ArchConfig
 _INT_BOUNDS = (
     ("out_dim", 1, _MAX_WIDTH),
@@ -294,60 +280,6 @@ def expected_state(config: ArchConfig | str) -> dict[str, tuple[int, ...]]:
     }
 
 
-def config_from_metadata(meta: dict | None, path, embedding: str | None = None) -> tuple[ArchConfig, str]:
-    """The architecture and embedding mode a safetensors model file declares (``embedding``
-    overrides the file's); :class:`~lipsim.errors.CheckpointError` when they are unusable."""
-    meta = meta or {}
-    if meta.get("format") != FORMAT or "arch" not in meta:
-        raise CheckpointError(f"{path}: safetensors file without lipsim metadata (format/arch)")
-    if not isinstance(meta["arch"], str) or len(meta["arch"]) > 100_000:
-        raise CheckpointError(f"{path}: bad architecture metadata (not a JSON text of at most 100 kB)")
-    try:
-        config = ArchConfig.from_json(meta["arch"])
-        layer_plan(config)  # sizes must be consistent
-    except (ValueError, TypeError, RecursionError) as exc:
-        raise CheckpointError(f"{path}: bad architecture metadata ({str(exc)[:200]})") from None
-    mode = embedding or meta.get("embedding", "append")
-    if mode not in EMBEDDINGS:
-        raise CheckpointError(f"{path}: unknown embedding mode {mode!r}")
-    return config, mode
-
-
-def check_dtype(key: str, dtype, path) -> None:
-    """Refuses a weight whose dtype (a torch or NumPy dtype, or a safetensors header name such as
-    "F32") is not a float type: integer, boolean, complex or 8-bit float weights are no model."""
-    name = str(dtype).removeprefix("torch.")
-    if name not in FLOAT_DTYPES and name not in FLOAT_DTYPES.values():
-        raise CheckpointError(
-            f"{path}: {key} has dtype {name}; weights must be float16, bfloat16, float32 or float64"
-        )
-
-
-def check_state(state: dict, config: ArchConfig, path, is_finite: Callable[[object], bool]) -> None:
-    """Refuses weights whose keys, shapes or dtypes differ from ``config``'s or that hold NaN/inf.
-
-    ``state`` maps keys to arrays or tensors; ``is_finite(value)`` says whether all entries are
-    finite once in float32, the precision the network runs in (the caller's framework)."""
-    expected = expected_state(config)
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{path}: weights do not match architecture {config.name!r} "
-            f"(missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
-            f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''})"
-        )
-    for key, value in state.items():
-        shape = getattr(value, "shape", None)
-        if shape is None:
-            raise CheckpointError(f"{path}: entry {key!r} is not a tensor")
-        check_dtype(key, getattr(value, "dtype", None), path)
-        if tuple(shape) != expected[key]:
-            raise CheckpointError(f"{path}: {key} has shape {tuple(shape)}, expected {expected[key]}")
-        if not is_finite(value):
-            raise CheckpointError(f"{path}: {key} contains NaN or infinite values")
-
-
 def register(config: ArchConfig) -> ArchConfig:
     """Adds an architecture to the registry (name must be new)."""
     if config.family not in FAMILIES:
@@ -369,7 +301,7 @@ def list_archs() -> list[str]:
     return sorted(_REGISTRY)
 
 
-# The published LipSim architectures (lipsim-method.md §2.1), teacher dimension 1792.
+# The published LipSim architectures (docs/method.md §2.5), teacher dimension 1792.
 register(ArchConfig("small", "published", depth=20, channels=45, depth_linear=7, n_features=1024))
 register(ArchConfig("medium", "published", depth=30, channels=60, depth_linear=10, n_features=2048))
 register(ArchConfig("large", "published", depth=50, channels=90, depth_linear=10, n_features=2048))

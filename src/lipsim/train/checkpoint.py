@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from ..checkpoints import TRAINING_CHECKPOINT_FORMAT, finite_in_float32
+from ..checkpoints import finite_in_float32
 from ..errors import one_line
 from ..fileio import atomic_write
-from ..spec import check_state
+from ..modelfiles import RUN_CHECKPOINT, RUN_MODEL, TRAINING_CHECKPOINT_FORMAT, check_state
 
 if TYPE_CHECKING:
     from .state import RunState
@@ -149,10 +149,10 @@ def check_run_folder(cfg) -> None:
     """Fails early (before teachers or data load) when ``--resume`` has nothing to continue or a
     fresh run would overwrite a finished or checkpointed one (``cfg``: a :class:`LoopConfig`)."""
     out = Path(cfg.out)
-    ckpt_path = out / "checkpoints" / "last.pt"
+    ckpt_path = out / RUN_CHECKPOINT
     if cfg.resume and not ckpt_path.exists():
         raise FileNotFoundError(f"{ckpt_path}: nothing to resume (no checkpoint in {out})")
-    if not cfg.resume and (ckpt_path.exists() or (out / "model.safetensors").exists()):
+    if not cfg.resume and (ckpt_path.exists() or (out / RUN_MODEL).exists()):
         raise ValueError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"{out}: exists and is not a folder")
