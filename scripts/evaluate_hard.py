@@ -36,6 +36,39 @@ def pooled_trunk(model: lipsim.LipSim, head: str) -> lipsim.LipSim:
     return swapped.eval()
 
 
+def plot_ladder(result: dict, photo: int, name: str, label: str, path: Path) -> None:
+    """Distance per change for one photo: ours, the teacher and pixel ℓ2, each divided by its
+    largest distance on the ladder (the three metrics have different units)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from lipsim.fileio import atomic_write
+
+    lad = result["ladder"]
+    series = [
+        ("ours", "ours", "tab:blue"),
+        ("teacher", "teacher", "tab:green"),
+        ("pixel_l2", "pixel ℓ2", "tab:grey"),
+    ]
+    x = np.arange(len(lad["changes"]))
+    fig, ax = plt.subplots(figsize=(10, 4))
+    for j, (key, text, colour) in enumerate(series):
+        if key not in lad:
+            continue
+        d = np.asarray(lad[key][photo], dtype=float)
+        ax.bar(x + (j - 1) * 0.27, d / d.max(), width=0.27, label=text, color=colour)
+    ax.set_xticks(x, lad["changes"], rotation=30, ha="right")
+    ax.set_ylabel("distance / largest on the ladder")
+    rho = lad.get("spearman_ours", [float("nan")] * (photo + 1))[photo]
+    ax.set_title(f"{label}: one held-out photo ({name}), Spearman with the teacher {rho:.2f}", fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True, help="model file, run folder or 'default'")
@@ -48,6 +81,8 @@ def main() -> int:
     p.add_argument("--cache", type=Path, default=Path("data/hard_cache"))
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--plot", type=Path, default=None, help="write the ladder plot of one photo (PNG)")
+    p.add_argument("--plot-photo", type=int, default=0, help="which held-out photo the plot shows")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     start = time.time()
@@ -62,6 +97,8 @@ def main() -> int:
     label = args.model + (f" + {args.head} head (no retraining)" if args.head else "")
     hard.save_report(args.out, label, result)
     print(hard.markdown(label, result))
+    if args.plot:
+        plot_ladder(result, args.plot_photo, hs.names[args.plot_photo], label, args.plot)
     print(json.dumps({k: result[k] for k in ("digest", "seconds")}))
     return 0
 

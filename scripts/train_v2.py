@@ -22,6 +22,7 @@ arguments (``--steps`` may grow: the schedule is recomputed from the new total).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -55,20 +56,21 @@ def pool_array(pool: Path, cache_file: Path) -> tuple[np.ndarray, list[str]]:
     return np.load(cache_file, mmap_mode="r"), keys
 
 
-def hard_triplets(photos: Path, cache: Path, refs_per_photo: int, teacher_name: str) -> dict:
-    """Hard triplets from the training photos, labelled by the teacher (y = 1: x1 is closer)."""
+def hard_triplets(photos: Path, cache: Path, refs_per_photo: int, teacher_name: str | None) -> dict:
+    """Hard triplets from the training photos (y = 1: x1 is closer), labelled by the teacher's
+    choice, or with ``teacher_name=None`` by construction (x0 is the right answer; the teacher
+    agrees with the construction on every held-out triplet, and running it costs CPU time)."""
     hs = hard.build_hard_set(photos, refs_per_photo=refs_per_photo, seed=1)
-    t = hard.teacher_embeddings(hs, teacher_name, cache)
-    t0 = 1 - (t["ref"] * t["x0"]).sum(1)
-    t1 = 1 - (t["ref"] * t["x1"]).sum(1)
+    y = torch.zeros(len(hs), dtype=torch.long)
+    agree = float("nan")
+    if teacher_name:
+        t = hard.teacher_embeddings(hs, teacher_name, cache)
+        t0 = 1 - (t["ref"] * t["x0"]).sum(1)
+        t1 = 1 - (t["ref"] * t["x1"]).sum(1)
+        y = (t1 < t0).long()
+        agree = float((t0 < t1).double().mean())
     u8 = lambda x: (x * 255).round().to(torch.uint8)  # noqa: E731
-    return {
-        "ref": u8(hs.ref),
-        "x0": u8(hs.x0),
-        "x1": u8(hs.x1),
-        "y": (t1 < t0).long(),
-        "agree_construction": float((t0 < t1).double().mean()),
-    }
+    return {"ref": u8(hs.ref), "x0": u8(hs.x0), "x1": u8(hs.x1), "y": y, "agree_construction": agree}
 
 
 def view(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -101,6 +103,9 @@ def main() -> int:
     p.add_argument(
         "--head", default=None, help="override the architecture's head (sum, norm, sum_norm, sum_std)"
     )
+    p.add_argument(
+        "--linear-layers", type=int, default=None, help="override depth_linear (0: no head layers)"
+    )
     p.add_argument("--init", default="default", help="model whose trunk seeds the student ('none': fresh)")
     p.add_argument("--pool", type=Path, default=Path("data/pool"))
     p.add_argument("--cache", type=Path, default=Path("data/pool_cache_ensemble"))
@@ -114,6 +119,9 @@ def main() -> int:
     p.add_argument("--views", type=int, default=0, help="extra views per step with the teacher online")
     p.add_argument("--triplets", type=int, default=0, help="hard training triplets per step (hinge)")
     p.add_argument("--margin", type=float, default=0.2)
+    p.add_argument(
+        "--labels", choices=("teacher", "construction"), default="construction", help="labels of the triplets"
+    )
     p.add_argument("--hinge-weight", type=float, default=1.0)
     p.add_argument("--target-scale", type=float, default=2.0)
     p.add_argument("--lr", type=float, default=0.005)
@@ -132,15 +140,22 @@ def main() -> int:
 
     from lipsim.teachers.cache import EmbeddingCache
 
-    images, keys = pool_array(args.pool, args.pool_array)
-    targets = EmbeddingCache(args.cache)
-    target_rows = targets.lookup(keys).float()
+    distil = args.batch > 0 or args.views > 0
+    if distil:
+        images, keys = pool_array(args.pool, args.pool_array)
+        target_rows = EmbeddingCache(args.cache).lookup(keys).float()
+    elif not args.triplets:
+        p.error("nothing to train: give --batch, --views or --triplets")
     config = get_config(args.arch)
     if args.head:
-        import dataclasses
-
         config = dataclasses.replace(config, name=f"{config.name}-{args.head}", head=args.head)
-    if config.out_dim != target_rows.shape[1]:
+    if args.linear_layers is not None:
+        config = dataclasses.replace(
+            config, name=f"{config.name}-l{args.linear_layers}", depth_linear=args.linear_layers
+        )
+        if args.linear_layers == 0:  # the pooled features themselves, no padding
+            config = dataclasses.replace(config, linear_width=0, out_dim=config.flat_dim())
+    if distil and config.out_dim != target_rows.shape[1]:
         p.error(f"{args.arch} outputs {config.out_dim} features, the teacher {target_rows.shape[1]}")
     torch.manual_seed(args.seed)
     model = lipsim.LipSim.from_config(config, embedding="append")
@@ -156,7 +171,12 @@ def main() -> int:
         teacher = get_teacher(args.teacher).eval()
     trip = None
     if args.triplets:
-        trip = hard_triplets(args.train_photos, args.hard_cache, args.refs_per_photo, args.teacher)
+        trip = hard_triplets(
+            args.train_photos,
+            args.hard_cache,
+            args.refs_per_photo,
+            args.teacher if args.labels == "teacher" else None,
+        )
         print(
             f"{len(trip['y'])} hard training triplets; teacher agrees with the construction on "
             f"{trip['agree_construction']:.3f}",
@@ -194,19 +214,21 @@ def main() -> int:
         atomic_write(last, lambda tmp: torch.save(state, tmp))
 
     model.train()
-    n = len(keys)
+    n = len(keys) if distil else 0
     start = time.time()
     seen = 0
     while step < args.steps:
         lr = lr_at(step, args.steps, args.lr, args.warmup)
         for group in opt.param_groups:
             group["lr"] = lr * group["scale"]
-        idx = torch.randint(0, n, (args.batch,), generator=gen)
-        x = torch.from_numpy(np.stack([images[i] for i in idx.tolist()])).float() / 255
-        flip = torch.rand(args.batch, generator=gen) < 0.5
-        x[flip] = x[flip].flip(-1)
-        t = target_rows[idx] * args.target_scale
-        parts = [x]
+        parts, t = [], torch.zeros(0, config.out_dim)
+        if args.batch:
+            idx = torch.randint(0, n, (args.batch,), generator=gen)
+            x = torch.from_numpy(np.stack([images[i] for i in idx.tolist()])).float() / 255
+            flip = torch.rand(args.batch, generator=gen) < 0.5
+            x[flip] = x[flip].flip(-1)
+            t = target_rows[idx] * args.target_scale
+            parts = [x]
         if args.views:
             vidx = torch.randint(0, n, (args.views,), generator=gen)
             v = torch.stack(
@@ -216,12 +238,12 @@ def main() -> int:
                 tv = teacher(v).float() * args.target_scale
             parts.append(v)
             t = torch.cat([t, tv])
-        m = len(torch.cat(parts))
+        m = len(t)
         if trip is not None:
             tidx = torch.randint(0, len(trip["y"]), (args.triplets,), generator=gen)
             parts += [trip[k][tidx].float() / 255 for k in ("ref", "x0", "x1")]
         f = model.backbone(torch.cat(parts))
-        rmse = (f[:m] - t).square().mean().sqrt()
+        rmse = (f[:m] - t).square().mean().sqrt() if m else torch.zeros(())
         loss = rmse
         hinge = torch.zeros(())
         if trip is not None:

@@ -159,8 +159,10 @@ def build_hard_set(
             ref = _crop(p, top, left)
             shifted = _crop(p, top, left + HALF) if wide else _crop(p, top + HALF, left)
             others = owner != i
-            dist = (flat_pool[others] - ref.flatten()).norm(dim=1)
-            nearest = pool[others][int(dist.argmin())]
+            other_idx = others.nonzero().flatten()
+            dist = (flat_pool[other_idx] - ref.flatten()).norm(dim=1)
+            near_idx = int(other_idx[int(dist.argmin())])
+            nearest = pool[near_idx].clone()  # a copy: a view would keep the whole pool alive
             s = 2 + (k % 5)
             dx, dy = [(s, 0), (-s, 0), (0, s), (0, -s)][int(rng.integers(0, 4))]
             moved = _crop(p, top + dy, left + dx)
@@ -179,10 +181,10 @@ def build_hard_set(
                 fams.append(fam)
                 srcs.append(i)
             gallery += [shifted, nearest]
-            gallery_photo += [i, int(owner[others][int(dist.argmin())])]
+            gallery_photo += [i, int(owner[near_idx])]
             query_photo.append(i)
             if r == 0:
-                rand_other = pool[others][int(rng.integers(0, int(others.sum())))]
+                rand_other = pool[int(other_idx[int(rng.integers(0, len(other_idx)))])].clone()
                 lad_refs.append(ref)
                 ladders.append(
                     torch.stack(
