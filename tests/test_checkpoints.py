@@ -13,7 +13,7 @@ from lipsim.errors import CheckpointError
 
 
 def _published_file(model, path, duplicate=True):
-    """Writes ``model`` in the published training-checkpoint layout (lipsim-method.md §3.4)."""
+    """Writes ``model`` in the published training-checkpoint layout (docs/method.md §9)."""
     state = {}
     for key, value in model.backbone.state_dict().items():
         state[f"module.model.{key}"] = value.clone()
@@ -60,6 +60,17 @@ def test_safetensors_round_trip_is_exact(tmp_path, tiny, images):
     assert torch.allclose(loaded.embed(images), tiny.embed(images), atol=1e-6)
     assert not any(p.requires_grad for p in loaded.parameters())
     assert not loaded.training
+
+
+def test_lipsim_save_writes_what_model_save_writes(tmp_path, tiny, images):
+    """``lipsim.save(model, path)`` beside ``lipsim.load``: the same bytes as ``model.save``."""
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    tiny.save(a)
+    lipsim.save(tiny, b)
+    assert a.read_bytes() == b.read_bytes()
+    assert torch.equal(lipsim.load(b).embed(images), tiny.embed(images))
+    with pytest.raises(TypeError, match="LipSim"):
+        lipsim.save(tiny.backbone, tmp_path / "c.safetensors")
 
 
 def test_save_is_atomic_and_leaves_no_temp_files(tmp_path, tiny):

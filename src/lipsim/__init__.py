@@ -1,8 +1,8 @@
 """lipsim: a provably robust perceptual similarity metric (LipSim, ICLR 2024).
 
-Public face (see docs/api.md): :func:`load`, :func:`create_model`, :func:`load_image`,
-:class:`LipSim`. Images are float tensors (B, 3, 224, 224) in [0, 1]; every radius is an ℓ2
-norm in that [0, 1] pixel space. Nothing here touches the network.
+Public face (see docs/api.md): :func:`load` and :func:`save`, :func:`create_model`,
+:func:`load_image`, :class:`LipSim`. Images are float tensors (B, 3, 224, 224) in [0, 1]; every
+radius is an ℓ2 norm in that [0, 1] pixel space. Nothing here touches the network.
 
 The names are imported on first use (PEP 562), so ``import lipsim`` and the command line's
 torch-free path (``lipsim distance``/``compare`` with the NumPy engine) do not pay for importing
@@ -24,6 +24,7 @@ _EXPORTS = {
     "Certificate2AFC": "certify",
     "load": "checkpoints",
     "load_published": "checkpoints",
+    "save": "checkpoints",
     "CheckpointError": "errors",
     "ImageError": "errors",
     "LipSimError": "errors",
@@ -46,11 +47,12 @@ __all__ = [
     "load_published",
     "preprocess",
     "register",
+    "save",
 ]
 
 if TYPE_CHECKING:  # pragma: no cover
     from .certify import Certificate2AFC
-    from .checkpoints import load, load_published
+    from .checkpoints import load, load_published, save
     from .errors import CheckpointError, ImageError, LipSimError
     from .images import load_image, preprocess
     from .model import LipSim
