@@ -13,8 +13,9 @@ line that says which file to put where. ``$LIPSIM_MIRROR`` names a local folder 
 under their registry file names: it is used in place of the download (air-gapped machines, tests).
 
 The files are the reference repository's published training checkpoints (torch pickles read with
-weights-only unpickling by :func:`lipsim.checkpoints.load_published`). This module imports no
-torch: listing models and resolving cache paths stay cheap.
+weights-only unpickling by :func:`lipsim.checkpoints.load_published`; their layout is described
+in :mod:`lipsim.modelfiles`). This module imports no torch: listing models and resolving cache
+paths stay cheap.
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import CheckpointError
+from .errors import CheckpointError, one_line
 from .fileio import atomic_write, write_text_atomic
+from .modelfiles import PUBLISHED_OUT_DIM, is_torch_file
 
 __all__ = [
     "PublishedModel",
@@ -60,7 +62,7 @@ class PublishedModel:
     drive_id: str | None
     description: str
     embedding: str = "plain"
-    out_dim: int = 1792
+    out_dim: int = PUBLISHED_OUT_DIM
     sha256: str | None = None
 
     @property
@@ -199,14 +201,6 @@ def _by_hand(model: PublishedModel, path: Path, why: str) -> CheckpointError:
     )
 
 
-def _looks_like_checkpoint(path: Path) -> bool:
-    """A torch checkpoint is a zip archive (torch.save's default) or a raw pickle; a download that
-    went wrong is usually an HTML page."""
-    with open(path, "rb") as fh:
-        head = fh.read(4)
-    return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
-
-
 def fetch(name: str, downloader: Downloader | None = None) -> Path:
     """The cached file of the published model ``name``, downloaded first if it is not there.
 
@@ -244,9 +238,9 @@ def fetch(name: str, downloader: Downloader | None = None) -> Path:
         except CheckpointError:
             raise
         except Exception as exc:  # gdown raises many types (requests, its own, OSError) when offline
-            detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:100]
+            detail = one_line(exc, 100)
             raise _by_hand(model, path, f"the download failed ({detail})") from None
-        if not Path(tmp).is_file() or Path(tmp).stat().st_size == 0 or not _looks_like_checkpoint(Path(tmp)):
+        if not Path(tmp).is_file() or Path(tmp).stat().st_size == 0 or not is_torch_file(Path(tmp)):
             raise _by_hand(model, path, "the download did not return a PyTorch checkpoint")
 
     atomic_write(path, write)

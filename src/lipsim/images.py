@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
-from .errors import ImageError
+from .errors import ImageError, one_line
 
 if TYPE_CHECKING:
     import torch
@@ -84,8 +84,7 @@ def decoding(name: str) -> Iterator[None]:
     except Exception as exc:
         if isinstance(exc, OSError) and exc.strerror:
             raise ImageError(f"{name}: cannot read ({exc.strerror})") from None
-        msg = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise ImageError(f"{name}: cannot decode image ({msg})") from None
+        raise ImageError(f"{name}: cannot decode image ({one_line(exc)})") from None
 
 
 def _open(path: str | os.PathLike) -> Image.Image:

@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    from lipsim.errors import LipSimError
+    from lipsim.errors import LipSimError, one_line
 
     try:
         if getattr(args, "device", "cpu") not in ("cpu", "auto"):
@@ -173,8 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         result = args.func(args)
         return int(result or 0)
     except (CliError, LipSimError, ValueError, OSError) as exc:
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        print(f"lipsim {args.command}: error: {msg}", file=sys.stderr)
+        print(f"lipsim {args.command}: error: {one_line(exc, None)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"lipsim {args.command}: interrupted", file=sys.stderr)
@@ -185,9 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # last resort: still one line, but say it is a bug
         if os.environ.get("LIPSIM_DEBUG"):
             raise
-        first = str(exc).splitlines()[0] if str(exc) else ""
         print(
-            f"lipsim {args.command}: internal error: {type(exc).__name__}: {first}"
+            f"lipsim {args.command}: internal error: {type(exc).__name__}: {one_line(exc, None, empty='')}"
             " (set LIPSIM_DEBUG=1 for a traceback)",
             file=sys.stderr,
         )
