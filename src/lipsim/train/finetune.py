@@ -28,7 +28,9 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoints import load
 from ..model import LipSim
+from ..modelfiles import RUN_CHECKPOINT, RUN_MODEL, is_safetensors, is_training_checkpoint, run_folder_files
 from . import distributed
 from .loop import LoopConfig, TrainResult, TrainTask, check_run_folder, load_checkpoint, train
 
@@ -107,9 +109,6 @@ def load_init(
 
     The model comes back with ``embedding="append"`` (a note says so when it was switched).
     """
-    from ..checkpoints import load
-    from ..modelfiles import is_safetensors, run_folder_files
-
     notes: list[str] = []
     optimizer_state = None
     if source.startswith("arch:"):
@@ -127,11 +126,11 @@ def load_init(
     if path.is_dir():
         model_file, ckpt_file = run_folder_files(path)
         if model_file is None and ckpt_file is None:
-            raise ValueError(f"{path}: a folder without model.safetensors or checkpoints/last.pt")
+            raise ValueError(f"{path}: a folder without {RUN_MODEL} or {RUN_CHECKPOINT}")
     probed = None
     if model_file is not None and not is_safetensors(model_file):
         probed = _probe_torch_file(model_file)
-        if isinstance(probed, dict) and probed.get("format") == "lipsim-train":
+        if is_training_checkpoint(probed):
             ckpt_file, model_file, probed = model_file, None, None
     if model_file is None:  # a training checkpoint: its fields are checked as for a resume
         load_checkpoint(ckpt_file)

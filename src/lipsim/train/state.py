@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import DistributedSampler
 
+from ..modelfiles import RUN_CHECKPOINT, RUN_MODEL
 from .distributed import DistEnv
 
 
@@ -173,11 +174,11 @@ class RunState:
 
     @property
     def ckpt_path(self) -> Path:
-        return self.out / "checkpoints" / "last.pt"
+        return self.out / RUN_CHECKPOINT
 
     @property
     def model_path(self) -> Path:
-        return self.out / "model.safetensors"
+        return self.out / RUN_MODEL
 
     @property
     def metrics_path(self) -> Path:
