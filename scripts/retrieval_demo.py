@@ -1,7 +1,7 @@
 """Robust retrieval demo (offline): does a perturbed view of a photo still find the photo?
 
-Our protocol, inspired by the paper's COCO retrieval experiment (lipsim-method.md §4.7; the
-paper's exact protocol could not be verified):
+Our protocol, inspired by the paper's COCO retrieval experiment (whose exact protocol could not be
+verified; docs/retrieval.md describes this one):
 
 * gallery = the photos (each resized to 224×224 by ``lipsim.load_image``);
 * queries = other views of them: a random crop (60–90 % of the area), a horizontal flip half of

@@ -7,7 +7,7 @@ import lipsim
 from lipsim.archs import ArchConfig, build_backbone, get_config, list_archs
 from lipsim.layers import LipschitzModule
 
-PUBLISHED_COUNTS = {  # lipsim-method.md §2.2
+PUBLISHED_COUNTS = {  # docs/method.md §2.5 states small's; the others follow from the layer shapes
     "small": 63_276_796,
     "medium": 240_967_060,
     "large": 361_511_160,
