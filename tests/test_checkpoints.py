@@ -2,6 +2,8 @@
 
 import os
 import pickle
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -63,11 +65,17 @@ def test_safetensors_round_trip_is_exact(tmp_path, tiny, images):
 
 
 def test_lipsim_save_writes_what_model_save_writes(tmp_path, tiny, images):
-    """``lipsim.save(model, path)`` beside ``lipsim.load``: the same bytes as ``model.save``."""
+    """``lipsim.save(model, path)`` beside ``lipsim.load``: the file ``model.save`` writes (same
+    header metadata, same tensors; safetensors orders the header's entries as it likes)."""
+    from safetensors import safe_open
+
     a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
     tiny.save(a)
     lipsim.save(tiny, b)
-    assert a.read_bytes() == b.read_bytes()
+    with safe_open(str(a), framework="pt") as fa, safe_open(str(b), framework="pt") as fb:
+        assert fa.metadata() == fb.metadata() and fa.metadata()["arch"] == tiny.config.to_json()
+        assert sorted(fa.keys()) == sorted(fb.keys())
+        assert all(torch.equal(fa.get_tensor(k), fb.get_tensor(k)) for k in fa.keys())
     assert torch.equal(lipsim.load(b).embed(images), tiny.embed(images))
     with pytest.raises(TypeError, match="LipSim"):
         lipsim.save(tiny.backbone, tmp_path / "c.safetensors")
@@ -156,6 +164,44 @@ def test_malicious_torch_zip_checkpoint_is_refused(tmp_path, monkeypatch):
     with pytest.raises(CheckpointError, match="refused"):
         lipsim.load(path)
     assert not (tmp_path / "PWNED_MARKER").exists()
+
+
+def test_a_malicious_training_checkpoint_is_refused_by_the_same_reader(tmp_path, monkeypatch):
+    """``--resume``/``--init`` read ``last.pt`` through the reader ``lipsim.load`` uses."""
+    from lipsim.train.checkpoint import load_checkpoint
+
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "run" / "checkpoints" / "last.pt"
+    path.parent.mkdir(parents=True)
+    torch.save({"format": "lipsim-train", "model": {"x": _Exploit()}}, path)
+    for read in (load_checkpoint, lipsim.load):
+        with pytest.raises(CheckpointError, match="refused") as info:
+            read(path)
+        assert "\n" not in str(info.value)
+    with pytest.raises(CheckpointError, match="refused"):
+        lipsim.load(tmp_path / "run")
+    assert not (tmp_path / "PWNED_MARKER").exists()
+
+
+def test_modelfiles_reads_model_files_without_torch(tmp_path, tiny):
+    """The torch-free module reads our files (NumPy arrays) and maps the published layout."""
+    path = tmp_path / "m.safetensors"
+    tiny.save(path)
+    code = (
+        "import sys, numpy as np\n"
+        "from lipsim import modelfiles as mf\n"
+        f"found = mf.read_safetensors({str(path)!r}, framework='numpy')\n"
+        "assert found.config.name == 'tiny' and found.embedding == 'append'\n"
+        "mf.check_state(found.state, found.config, 'm', lambda a: bool(np.isfinite(a).all()))\n"
+        "pub = {'module.model.' + k: v for k, v in found.state.items()}\n"
+        "convs = {k[6:]: v for k, v in found.state.items() if k.startswith('convs.')}\n"
+        "pub.update({'module.model.base.1.' + k: v for k, v in convs.items()})\n"
+        "config, state = mf.published_layout(pub, 64, 'p', np.array_equal)\n"
+        "assert config.name == 'tiny' and sorted(state) == sorted(found.state)\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
 
 
 @pytest.mark.parametrize(

@@ -19,10 +19,16 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from ..checkpoints import finite_in_float32
+from ..checkpoints import finite_in_float32, read_torch_file
 from ..errors import one_line
 from ..fileio import atomic_write
-from ..modelfiles import RUN_CHECKPOINT, RUN_MODEL, TRAINING_CHECKPOINT_FORMAT, check_state
+from ..modelfiles import (
+    RUN_CHECKPOINT,
+    RUN_MODEL,
+    TRAINING_CHECKPOINT_FORMAT,
+    check_state,
+    is_training_checkpoint,
+)
 
 if TYPE_CHECKING:
     from .state import RunState
@@ -102,15 +108,14 @@ def save_torch(obj, path: Path) -> None:
 
 
 def load_checkpoint(path) -> dict:
-    """Reads a training checkpoint with ``torch.load(weights_only=True)`` and checks its format."""
+    """Reads a training checkpoint with weights-only unpickling (the one reader of torch files,
+    :func:`lipsim.checkpoints.read_torch_file`: a corrupt or unsafe file is a one-line
+    :class:`~lipsim.errors.CheckpointError`, a ValueError) and checks its format and fields."""
     path = Path(path)
-    try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no such checkpoint") from None
-    except Exception as exc:  # corrupt file, unsafe pickle, ...: one line
-        raise ValueError(f"{path}: not a readable training checkpoint ({one_line(exc, 160)})") from None
-    if not isinstance(obj, dict) or obj.get("format") != CHECKPOINT_FORMAT:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such checkpoint")
+    obj = read_torch_file(path)
+    if not is_training_checkpoint(obj):
         raise ValueError(f"{path}: not a lipsim training checkpoint")
     if type(obj.get("format_version", 0)) is not int:
         raise ValueError(f"{path}: damaged training checkpoint (format_version is not an integer)")
