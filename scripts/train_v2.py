@@ -59,7 +59,12 @@ def pool_array(pool: Path, cache_file: Path) -> tuple[np.ndarray, list[str]]:
 def hard_triplets(photos: Path, cache: Path, refs_per_photo: int, teacher_name: str | None) -> dict:
     """Hard triplets from the training photos (y = 1: x1 is closer), labelled by the teacher's
     choice, or with ``teacher_name=None`` by construction (x0 is the right answer; the teacher
-    agrees with the construction on every held-out triplet, and running it costs CPU time)."""
+    agrees with the construction on every held-out triplet, and running it costs CPU time).
+    Saved under ``cache`` once built."""
+    label = teacher_name or "construction"
+    saved = Path(cache) / f"train_triplets_{Path(photos).name}_{refs_per_photo}_{label}.pt"
+    if saved.exists():
+        return torch.load(saved, weights_only=True)
     hs = hard.build_hard_set(photos, refs_per_photo=refs_per_photo, seed=1)
     y = torch.zeros(len(hs), dtype=torch.long)
     agree = float("nan")
@@ -70,7 +75,9 @@ def hard_triplets(photos: Path, cache: Path, refs_per_photo: int, teacher_name: 
         y = (t1 < t0).long()
         agree = float((t0 < t1).double().mean())
     u8 = lambda x: (x * 255).round().to(torch.uint8)  # noqa: E731
-    return {"ref": u8(hs.ref), "x0": u8(hs.x0), "x1": u8(hs.x1), "y": y, "agree_construction": agree}
+    out = {"ref": u8(hs.ref), "x0": u8(hs.x0), "x1": u8(hs.x1), "y": y, "agree_construction": agree}
+    atomic_write(saved, lambda tmp: torch.save(out, tmp))
+    return out
 
 
 def view(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -109,6 +116,12 @@ def main() -> int:
     p.add_argument("--init", default="default", help="model whose trunk seeds the student ('none': fresh)")
     p.add_argument("--pool", type=Path, default=Path("data/pool"))
     p.add_argument("--cache", type=Path, default=Path("data/pool_cache_ensemble"))
+    p.add_argument(
+        "--targets-npy",
+        type=Path,
+        default=None,
+        help="teacher rows as one .npy (e.g. a cache shard being built)",
+    )
     p.add_argument("--pool-array", type=Path, default=Path("data/pool_u8.npy"))
     p.add_argument("--teacher", default="offline-ensemble")
     p.add_argument("--train-photos", type=Path, default=Path("data/corpus/train/photos"))
@@ -143,7 +156,14 @@ def main() -> int:
     distil = args.batch > 0 or args.views > 0
     if distil:
         images, keys = pool_array(args.pool, args.pool_array)
-        target_rows = EmbeddingCache(args.cache).lookup(keys).float()
+        if args.targets_npy:  # rows in the pool's key order; all-zero rows (not yet embedded) are skipped
+            target_rows = torch.from_numpy(
+                np.array(np.load(args.targets_npy, mmap_mode="r"), dtype=np.float32)
+            )
+        else:
+            target_rows = EmbeddingCache(args.cache).lookup(keys).float()
+        usable = torch.nonzero(target_rows.abs().sum(1) > 0).flatten()
+        print(f"{len(usable)} of {len(keys)} pool images have teacher targets", flush=True)
     elif not args.triplets:
         p.error("nothing to train: give --batch, --views or --triplets")
     config = get_config(args.arch)
@@ -214,7 +234,7 @@ def main() -> int:
         atomic_write(last, lambda tmp: torch.save(state, tmp))
 
     model.train()
-    n = len(keys) if distil else 0
+    n = len(usable) if distil else 0
     start = time.time()
     seen = 0
     while step < args.steps:
@@ -223,14 +243,14 @@ def main() -> int:
             group["lr"] = lr * group["scale"]
         parts, t = [], torch.zeros(0, config.out_dim)
         if args.batch:
-            idx = torch.randint(0, n, (args.batch,), generator=gen)
+            idx = usable[torch.randint(0, n, (args.batch,), generator=gen)]
             x = torch.from_numpy(np.stack([images[i] for i in idx.tolist()])).float() / 255
             flip = torch.rand(args.batch, generator=gen) < 0.5
             x[flip] = x[flip].flip(-1)
             t = target_rows[idx] * args.target_scale
             parts = [x]
         if args.views:
-            vidx = torch.randint(0, n, (args.views,), generator=gen)
+            vidx = usable[torch.randint(0, n, (args.views,), generator=gen)]
             v = torch.stack(
                 [view(torch.from_numpy(images[i].copy()).float() / 255, gen) for i in vidx.tolist()]
             )
@@ -260,7 +280,7 @@ def main() -> int:
         step += 1
         seen += len(torch.cat(parts))
         if step % 5 == 0 or step == args.steps:
-            entry = {"step": step, "lr": lr, "rmse": float(rmse), "hinge": float(hinge)}
+            entry = {"step": step, "lr": lr, "rmse": float(rmse.detach()), "hinge": float(hinge.detach())}
             entry["img_per_s"] = seen / (time.time() - start)
             log.append(entry)
             print(json.dumps(entry), flush=True)
