@@ -7,10 +7,12 @@ Compared, on the published ``small`` and on the default architecture (``--defaul
   the *same weights* as the lipsim model; the run checks that both compute the same function
   (backbone outputs within a relative error of 1e-5, first training loss and gradients too)
   and refuses to report a row that disagrees;
-* ``lipsim plain``: lipsim's layers (T cached while the weights do not change) without the fused path;
-* ``lipsim fast``: ``lipsim.fast.optimize(model)``, the certified float32 path (``model.embed``);
-* ``lipsim bf16``: ``model.embed_fast`` (bfloat16, never certified) on the optimized model;
-* ``lipsim fast triton`` (CUDA): the fused path with the Triton kernels (opt-in in the library
+* ``lipsim plain``: lipsim's layers themselves (``model.backbone``, T recomputed on every forward);
+* ``lipsim fast``: the frozen engine (``model.freeze()``, weights folded once), the certified
+  float32 path (``frozen.embed``);
+* ``lipsim unfrozen``: ``model.embed`` on a model that is not frozen (it folds on every call);
+* ``lipsim bf16``: ``embed_fast`` (bfloat16, never certified) on the frozen engine;
+* ``lipsim fast triton`` (CUDA): the frozen engine with the Triton kernels (opt-in in the library
   until these rows show them faster than the cuDNN ones), checked against the baseline first;
 * ``numpy engine`` (CPU): :class:`lipsim.numpy_engine.NumpyLipSim`, the torch-free float32 path
   that ``lipsim distance``/``compare`` use (its threads: NumPy's BLAS, set by OMP_NUM_THREADS);
@@ -52,6 +54,8 @@ from torch import nn
 import lipsim
 from lipsim import fast
 from lipsim.archs import ArchConfig, get_config
+from lipsim.embedding import normalise
+from lipsim.layers import fold_sll_conv, use_fused_training
 from lipsim.model import exact_float32
 
 REL_TOL = 1e-5
@@ -230,17 +234,17 @@ def make_model(arch: str, device: torch.device) -> lipsim.LipSim:
 
 
 def bench_embedding(arch: str, batch: int, args, device: torch.device, rows: list, notes: list) -> None:
-    # lipsim models come optimized (LipSim.__init__): "plain" undoes that, layer by layer
-    plain = fast.restore(make_model(arch, device))
-    assert not fast.is_optimized(plain)
-    fast_model = fast.optimize(copy.deepcopy(plain))
+    plain = make_model(arch, device)  # "plain": its layers; "fast": the frozen engine
+    fast_model = plain.freeze()
     base = baseline_like(plain).requires_grad_(False).eval()
     gen = torch.Generator().manual_seed(2)
     x = torch.rand((batch, 3, 224, 224), generator=gen).to(device)
 
     with torch.no_grad(), exact_float32():
         f_base = base(x)
-    f_plain, f_fast = plain.features(x), fast_model.features(x)
+    with torch.no_grad(), exact_float32():
+        f_plain = plain.backbone(x)
+    f_fast = fast_model.features(x)
     errs = {"lipsim plain": rel_err(f_plain, f_base), "lipsim fast": rel_err(f_fast, f_base)}
     errs_fast_vs_plain = rel_err(f_fast, f_plain)
     g16 = fast_model.embed_fast(x)
@@ -250,10 +254,16 @@ def bench_embedding(arch: str, batch: int, args, device: torch.device, rows: lis
         with torch.no_grad(), exact_float32():
             base.embed(x)
 
+    def run_plain():
+        with torch.no_grad(), exact_float32():
+            normalise(plain.backbone(x), plain.embedding)
+
+    errs["lipsim unfrozen"] = rel_err(plain.features(x), f_base)
     fns = {
         "baseline": run_base,
-        "lipsim plain": lambda: plain.embed(x),
+        "lipsim plain": run_plain,
         "lipsim fast": lambda: fast_model.embed(x),
+        "lipsim unfrozen": lambda: plain.embed(x),
         "lipsim bf16": lambda: fast_model.embed_fast(x),
     }
     if device.type == "cuda" and not args.no_triton:
@@ -326,14 +336,15 @@ class _FrozenBackbone(nn.Module):
         self.steps: list = []
         for i, (_, layer) in enumerate(model.backbone.lipschitz_layers()):
             if isinstance(layer, SLLConv2d):
-                k1, b1, k2, pad = fast._folded_conv(layer, example, False)
+                k1, b1, k2 = fold_sll_conv(layer.kernel, layer.bias, layer.scale())
+                pad = layer.kernel.shape[-1] // 2
                 for name, t in (("k1", k1), ("b1", b1), ("k2", k2)):
                     self.register_buffer(f"{name}_{i}", t.contiguous())
                 self.steps.append(("conv", i, pad))
             elif isinstance(layer, SLLLinear):
                 self.register_buffer(f"w_{i}", layer.weight.detach().clone())
                 self.register_buffer(f"b_{i}", layer.bias.detach().view(-1).clone())
-                self.register_buffer(f"s_{i}", layer._scale().detach().clone())
+                self.register_buffer(f"s_{i}", layer.scale().detach().clone())
                 self.steps.append(("linear", i, 0))
             else:
                 self.steps.append(("module", layer, 0))
@@ -357,7 +368,7 @@ def bench_compiled(arch: str, batch: int, args, device: torch.device, rows: list
 
     Its own section, run last: compiling takes minutes, and a run cut short by a time limit
     keeps every row measured before it."""
-    model = fast.optimize(make_model(arch, device))
+    model = make_model(arch, device).freeze()
     base = baseline_like(model).requires_grad_(False).eval()
     x = torch.rand((batch, 3, 224, 224), generator=torch.Generator().manual_seed(2)).to(device)
     with torch.no_grad(), exact_float32():
@@ -463,7 +474,7 @@ def bench_training(arch: str, batch: int, args, device: torch.device, rows: list
         return go_
 
     # the same lipsim model without the fused training node (each SLL convolution as 5 graph ops)
-    unfused = fast.restore(copy.deepcopy(model)).backbone.train().requires_grad_(True)
+    unfused = use_fused_training(copy.deepcopy(model), False).backbone.train().requires_grad_(True)
     opt_u = torch.optim.Adam(unfused.parameters(), lr=1e-5)
     fns = {
         "baseline": step(base, opt_b, x),
@@ -580,11 +591,8 @@ def memory_probe(spec: dict) -> dict:
         raise ValueError(f"no memory probe for {task} row {impl!r}")
     model = make_model(spec["arch"], torch.device("cpu"))
     x = torch.rand((spec["batch"], 3, 224, 224))
-    # lipsim models come optimized (LipSim.__init__); the unfused rows run without it
-    if impl in ("lipsim plain", "lipsim layer-by-layer"):
-        fast.restore(model)
-    else:
-        fast.optimize(model)
+    # SLL convolutions train as one autograd node by default; the layer-by-layer row without it
+    use_fused_training(model, impl != "lipsim layer-by-layer")
     amp = impl == "lipsim bf16 autocast"
     if impl == "baseline":
         net = baseline_like(model)
@@ -604,9 +612,11 @@ def memory_probe(spec: dict) -> dict:
             x_np = x.numpy()
             fn = lambda: twin.embed(x_np)  # noqa: E731
         elif impl == "lipsim bf16":
-            fn = lambda: model.embed_fast(x)  # noqa: E731
+            fn = lambda: model.freeze().embed_fast(x)  # noqa: E731
+        elif impl == "lipsim plain":
+            fn = lambda: normalise(model.backbone(x), model.embedding)  # noqa: E731
         else:
-            fn = lambda: model.embed(x)  # noqa: E731
+            fn = lambda: model.freeze().embed(x)  # noqa: E731
     else:
         net.train().requires_grad_(True)
         opt = torch.optim.Adam(net.parameters(), lr=1e-5)
@@ -753,14 +763,13 @@ def bench_cli(args, cli_rows: list, notes: list) -> None:
     t3 = time.perf_counter()
     model.distance_interval(ia, ib, 36 / 255)
     t4 = time.perf_counter()
-    fast.optimize(model)
-    model(ia, ib)
+    model.freeze()(ia, ib)
     t5 = time.perf_counter()
     notes.append(
         f"CLI work after imports (in process, warm torch): build/load model {1e3 * (t1 - t0):.0f} ms, "
         f"decode 2 images {1e3 * (t2 - t1):.0f} ms, distance {1e3 * (t3 - t2):.0f} ms, "
-        f"distance_interval (a second forward) {1e3 * (t4 - t3):.0f} ms; distance with fast path "
-        f"(first call, includes packing) {1e3 * (t5 - t4):.0f} ms"
+        f"distance_interval (a second forward) {1e3 * (t4 - t3):.0f} ms; distance with a frozen engine "
+        f"(first call, includes folding and packing) {1e3 * (t5 - t4):.0f} ms"
     )
 
 

@@ -19,11 +19,10 @@ def _one(arch: str, fused: bool, batch: int) -> None:
     import torch
 
     import lipsim
-    from lipsim import fast
+    from lipsim.layers import use_fused_training
 
     model = lipsim.create_model(arch, seed=0)
-    if not fused:
-        fast.restore(model)
+    use_fused_training(model, fused)
     backbone = model.backbone.train().requires_grad_(True)
     x = torch.rand(batch, 3, 224, 224)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

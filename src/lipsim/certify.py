@@ -32,6 +32,8 @@ from typing import Any
 
 import numpy as np
 
+from .embedding import normalise
+
 __all__ = [
     "FLOAT_SLACK",
     "EMBED_SLACK",
@@ -288,19 +290,12 @@ def radius_threshold(d, threshold: float, ref_norm=None):
 # -- from backbone features to answers (shared by the torch model and the NumPy engine) -------
 
 
-def _normalise(f: np.ndarray, embedding: str) -> np.ndarray:
-    if embedding == "append":
-        f = np.concatenate([f, np.ones_like(f[:, :1])], axis=1)
-    elif embedding != "plain":
-        raise ValueError(f"unknown embedding mode {embedding!r}")
-    return f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
-
-
 def normalise_features(f, embedding: str):
-    """Unit-norm embeddings g (float64) from backbone features f (B, k)."""
+    """Unit-norm embeddings g (float64) from backbone features f (B, k): :func:`lipsim.embedding.normalise`
+    on float64, after a finiteness check."""
     f64 = _f64(f)
     _finite_features(f64)
-    return _out(_normalise(f64, embedding), _template(f), "float64")
+    return _out(normalise(f64, embedding), _template(f), "float64")
 
 
 def interval_from_features(fx, fy, eps: float, embedding: str):
@@ -309,7 +304,7 @@ def interval_from_features(fx, fy, eps: float, embedding: str):
     eps = check_eps(eps)
     fx64, fy64 = _f64(fx), _f64(fy)
     _finite_features(fx64, fy64)
-    gx, gy = _normalise(fx64, embedding), _normalise(fy64, embedding)
+    gx, gy = normalise(fx64, embedding), normalise(fy64, embedding)
     d = 1.0 - np.sum(gx * gy, axis=1)
     s = np.linalg.norm(gx - gy, axis=1)
     r = None if embedding == "append" else np.linalg.norm(fx64, axis=1)
@@ -333,7 +328,7 @@ def certificate_from_features(f_ref, f0, f1, embedding: str) -> Certificate2AFC:
     from the backbone features of the three batches."""
     f_ref64, f0_64, f1_64 = _f64(f_ref), _f64(f0), _f64(f1)
     _finite_features(f_ref64, f0_64, f1_64)
-    g_ref, g0, g1 = (_normalise(f, embedding) for f in (f_ref64, f0_64, f1_64))
+    g_ref, g0, g1 = (normalise(f, embedding) for f in (f_ref64, f0_64, f1_64))
     d0 = 1.0 - np.sum(g_ref * g0, axis=1)
     d1 = 1.0 - np.sum(g_ref * g1, axis=1)
     gap = d1 - d0
@@ -393,7 +388,7 @@ def pairwise_from_features(fx, fy, embedding: str, eps=None):
     eps = None if eps is None else check_eps(eps)
     fx64, fy64 = _f64(fx), _f64(fy)
     _finite_features(fx64, fy64)
-    gx, gy = _normalise(fx64, embedding), _normalise(fy64, embedding)
+    gx, gy = normalise(fx64, embedding), normalise(fy64, embedding)
     r = None if embedding == "append" else np.linalg.norm(fx64, axis=1)
     return _pairwise_out(*_pairwise(gx, gy, eps, r), _template(fx, fy))
 

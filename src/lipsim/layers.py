@@ -7,20 +7,18 @@ with its proof, before a model that uses it can be called certified.
 
 The SLL layers follow Araujo et al., "A Unified Algebraic Perspective on Lipschitz Neural
 Networks" (ICLR 2023), in the parametrisation that the published LipSim checkpoints use
-(``kernel``/``weight``, ``bias`` and ``q`` tensors; lipsim-method.md §1.2-1.3).
+(``kernel``/``weight``, ``bias`` and ``q`` tensors; docs/method.md §2.1-2.2).
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-import weakref
-from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.optim.optimizer import register_optimizer_step_post_hook
+
+from .precision import at_least_float32, ieee_float32
 
 __all__ = [
     "LipschitzModule",
@@ -38,19 +36,17 @@ __all__ = [
     "safe_inverse",
     "sll_conv_rescaling",
     "sll_linear_rescaling",
+    "fold_sll_conv",
+    "sll_conv",
+    "adjoint_kernel",
+    "sll_linear",
+    "use_fused_training",
 ]
 
 
 def safe_inverse(t: torch.Tensor) -> torch.Tensor:
     """Elementwise 1/t with 1/0 := 0 (a zero row of the Gram matrix means a dead channel)."""
     return torch.where(t > 0, 1.0 / t.clamp_min(torch.finfo(t.dtype).tiny), torch.zeros_like(t))
-
-
-def _at_least_float32(t: torch.Tensor) -> torch.Tensor:
-    """``t`` in float32 if it is held in a narrower float type (fp16/bf16 parameters): a Gram
-    matrix summed in 16 bits can fall below WWᵀ, and T must dominate it for the layer to be
-    1-Lipschitz. The upcast is exact, so the layer still computes with the stored weights."""
-    return t.float() if t.is_floating_point() and t.element_size() < 4 else t
 
 
 def sll_conv_rescaling(kernel: torch.Tensor) -> torch.Tensor:
@@ -83,71 +79,6 @@ class LipschitzModule(nn.Module):
     bound_reason: str = ""
 
 
-#: Parameters that some cached rescaling depends on, by id (held weakly).
-_CACHED_PARAMS: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
-#: Bumped after every optimizer step that touches one of those parameters.
-_optimizer_generation = 0
-
-
-def _note_optimizer_step(optimizer, args, kwargs) -> None:
-    """Global optimizer post-step hook. Fused optimizers (``Adam(fused=True)`` and friends) write
-    parameters in place *without* bumping their version counters, so versions alone would let a
-    cache outlive such a step; a step over any cached parameter invalidates every cache."""
-    global _optimizer_generation
-    if len(_CACHED_PARAMS) == 0:
-        return
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            if _CACHED_PARAMS.get(id(p)) is p:
-                _optimizer_generation += 1
-                return
-
-
-register_optimizer_step_post_hook(_note_optimizer_step)
-
-# Backends of torch's fp32-precision settings, parents before children (setting a parent
-# overwrites its children, so they are restored in this order).
-_FP32_PRECISION_PATHS = (
-    (),
-    ("cuda", "matmul"),
-    ("cudnn",),
-    ("cudnn", "conv"),
-    ("cudnn", "rnn"),
-    ("mkldnn",),
-    ("mkldnn", "matmul"),
-    ("mkldnn", "conv"),
-    ("mkldnn", "rnn"),
-)
-
-
-def _precision_objects() -> list:
-    objs = []
-    for path in _FP32_PRECISION_PATHS:
-        obj = torch.backends
-        for name in path:
-            obj = getattr(obj, name, None)
-        if obj is not None and hasattr(obj, "fp32_precision"):
-            objs.append(obj)
-    return objs
-
-
-@contextlib.contextmanager
-def _ieee_float32(device_type: str) -> Iterator[None]:
-    """IEEE float32 arithmetic for the block whatever the caller set globally (TF32, bf16
-    "medium" matmul precision, autocast); every setting is restored afterwards. Used to compute
-    the cached rescaling, which certificates later rely on."""
-    objs = _precision_objects()
-    saved = [o.fp32_precision for o in objs]
-    try:
-        for o in objs:
-            o.fp32_precision = "ieee"
-        with torch.autocast(device_type, enabled=False):
-            yield
-    finally:
-        for o, value in zip(objs, saved, strict=True):
-            o.fp32_precision = value
-
-
 def _autodiff_free(*tensors: torch.Tensor) -> bool:
     """True when no autodiff mode (autograd, forward AD, torch.func) records ops on ``tensors``,
     so that intermediate buffers may be overwritten in place."""
@@ -158,110 +89,140 @@ def _autodiff_free(*tensors: torch.Tensor) -> bool:
     return not any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
 
 
-#: per (row length, dtype, device): the weights of :func:`_fingerprint`'s weighted row sums
-_ROW_WEIGHTS: dict = {}
+def fold_sll_conv(kernel: torch.Tensor, bias: torch.Tensor, scale: torch.Tensor) -> tuple:
+    """The fold of an SLL convolution (written once; the training node, the layer and the frozen
+    engine use it): ``(s·K, s·b, -flip(K)ᵀ)`` from the kernel (inner, C, k, k), the bias and the
+    rescaling ``s = 2/t ≥ 0``. Then ``x - 𝒦*(s·ReLU(𝒦x + b)) = x + conv(ReLU(conv(x, s·K) + s·b),
+    -flip(K)ᵀ)``: ``s·ReLU(z) = ReLU(s·z)`` for ``s ≥ 0``, and the transposed convolution (stride 1,
+    "same" padding) is the convolution with the spatially flipped, channel-transposed kernel.
+    Differentiable in all three inputs."""
+    return kernel * scale.view(-1, 1, 1, 1), bias.reshape(-1) * scale, adjoint_kernel(kernel)
 
 
-def _row_weights(n: int, like: torch.Tensor) -> torch.Tensor:
-    key = (n, like.dtype, like.device)
-    w = _ROW_WEIGHTS.get(key)
-    if w is None:
-        # distinct weights in [1, 2) (golden-ratio sequence): moving entries within a row changes
-        # the weighted sum, where a plain sum and the norm would stay the same
-        j = torch.arange(n, dtype=torch.float64)
-        w = (1.0 + torch.remainder(j * 0.6180339887498949, 1.0)).to(like.dtype).to(like.device)
-        _ROW_WEIGHTS[key] = w
-    return w
+def adjoint_kernel(kernel: torch.Tensor) -> torch.Tensor:
+    """``-flip(K)ᵀ``: convolving with it is ``-𝒦*`` (stride 1, "same" padding)."""
+    return kernel.neg().transpose(0, 1).flip(-2, -1)
 
 
-def _fingerprint(params: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """Per-row weighted sum (distinct weight per position) and ℓ2 norm of every parameter
-    (rows = first dimension): changes with any realistic edit, permutations of rows or of the
-    entries within a row included. Reduced in the parameters' own dtype, which runs at memory
-    speed (0.7 ms per forward of 's2d-lite', 20 ms for the 63 M parameters of 'small' on
-    2 cores); a float64-accumulated sum takes the scalar path, ~30x slower. Edits below float32
-    rounding of a row sum could go unseen; they move T by a relative ~1e-7, far below
-    FLOAT_SLACK. An edit built to keep every row's weighted sum and norm would go unseen too:
-    the guard is for writes PyTorch cannot track (``.data``, NumPy views), not for adversaries
-    holding the weights."""
-    # autocast off: under a bf16 autocast the matrix-vector product would round differently from
-    # the float32 one, every fingerprint would look like an edit, and T would be recomputed (and
-    # the fused weights refolded) on every forward
-    with torch.no_grad(), torch.autocast(params[0].device.type, enabled=False):
-        parts = []
-        for p in params:
-            rows = p.reshape(p.shape[0], -1) if p.dim() > 1 else p.reshape(1, -1)
-            parts += [rows @ _row_weights(rows.shape[1], rows), torch.linalg.vector_norm(rows, dim=1)]
-        return torch.cat(parts)
+def _sll_inner(x: torch.Tensor, k1: torch.Tensor, b1: torch.Tensor) -> torch.Tensor:
+    """``s·ReLU(𝒦x + b)`` from folded weights."""
+    return F.conv2d(x, k1, b1, padding=k1.shape[-1] // 2).relu_()
 
 
-class _CachedRescaling(LipschitzModule):
-    """Caches the inverse rescaling ``2/t`` while no gradient can flow to the parameters.
+def sll_conv(x: torch.Tensor, k1: torch.Tensor, b1: torch.Tensor, k2: torch.Tensor, into_x: bool = False,
+             scale: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """The SLL convolution ``x - 𝒦*(s·ReLU(𝒦x + b))`` from folded weights (:func:`fold_sll_conv`),
+    or, with ``scale``, from ``(K, b, -flip(K)ᵀ)`` with s applied after the ReLU (the plain autograd
+    graph: its gradient of s is more accurate in float32 than one taken through s·K).
+    ``into_x``: accumulate into x's own buffer (the frozen engine, on buffers it owns)."""
+    r = _sll_inner(x, k1, b1)
+    if scale is not None:
+        r = r * scale.view(1, -1, 1, 1)
+    y = F.conv2d(r, k2, padding=k2.shape[-1] // 2)
+    if into_x:
+        return x.add_(y)
+    return y.add_(x) if _autodiff_free(x, y) else x + y
 
-    In eval-mode inference (and attacks, which need input gradients only) the normalisation is
-    computed once and reused until a parameter changes. A change is seen through the parameters'
-    version counters (in-place updates, ``load_state_dict``, foreach optimizers), their storage
-    (``.to()``, reassignment; the cache keeps the old storage alive so that an address cannot be
-    reused) and a global optimizer hook (fused optimizers do not bump versions). Writes through
-    ``param.data`` (or a NumPy view) bypass all of these: PyTorch does not track them, so the
-    cache also compares a fingerprint of the parameter values (per-row sums and norms, see
-    :func:`_fingerprint`) before reusing anything.
-    The cached value is always computed in IEEE float32 (no TF32/bf16 matmuls, no autocast),
-    whichever path fills it, because certified outputs reuse it. With gradients flowing to the
-    parameters (training) it is recomputed on every forward, under the caller's settings.
-    """
 
-    def _param_key(self, params: tuple[torch.Tensor, ...]) -> tuple:
-        return (_optimizer_generation,) + tuple(
-            (p._version, p.data_ptr(), p.dtype, p.device, tuple(p.shape), p.stride()) for p in params
-        )
+def sll_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, scale: torch.Tensor):
+    """The SLL linear layer ``x - Wᵀ(s·ReLU(Wx + b))`` on (B, n) features, bias and residual inside
+    the two GEMMs (written once; the layer and the frozen engine use it)."""
+    res = torch.addmm(bias.reshape(-1), x, weight.t()).relu_() * scale
+    return torch.addmm(x, res, weight, alpha=-1)
 
-    def _scale(self) -> torch.Tensor:
-        params = tuple(self.parameters())
-        needs_graph = torch.is_grad_enabled() and any(p.requires_grad for p in params)
-        device_type = params[0].device.type
-        if needs_graph:
-            # float32 even under a training autocast: a bf16 Gram matrix can fall below WWᵀ, and
-            # the network trained would then not be the 1-Lipschitz one that is saved
-            with torch.autocast(device_type, enabled=False):
-                return 2.0 * safe_inverse(self._rescaling())
-        if any(p.is_inference() for p in params):  # no version counters to watch: never cache
-            with torch.no_grad(), _ieee_float32(device_type):
-                return 2.0 * safe_inverse(self._rescaling())
-        key = self._param_key(params)
-        fingerprint = _fingerprint(params)
-        cached = self.__dict__.get("_cache")
-        if cached is not None and cached[0] == key and torch.equal(cached[3], fingerprint):
-            return cached[1]
-        # outside inference mode, so that a value cached under it can be saved for backward later
-        with torch.inference_mode(False), torch.no_grad(), _ieee_float32(device_type):
-            scale = 2.0 * safe_inverse(self._rescaling())
-        for p in params:
-            _CACHED_PARAMS[id(p)] = p
-        self.__dict__["_cache"] = (key, scale, tuple(p.detach() for p in params), fingerprint)
-        return scale
 
-    def _drop_cache(self) -> None:
-        self.__dict__.pop("_cache", None)
+class _SLLConvTrain(torch.autograd.Function):
+    """``y = x - 𝒦*(s·ReLU(𝒦x + b))`` as one autograd node (the layer's fused training path), with
+    ``s = 2/t`` an *input* (autograd carries its gradient on to the kernel through t).
 
-    def _apply(self, fn, recurse: bool = True):
-        self._drop_cache()
-        return super()._apply(fn, recurse)
+    Forward: ``r = ReLU(conv(x, s·K) + s·b)``, ``y = x + conv(r, K')`` with ``K' = -flip(K)ᵀ``
+    (:func:`fold_sll_conv`). Saved: x, r (the narrow inner activation), K, s; the plain graph keeps
+    four activations per layer.
+    Backward, with ``z = 𝒦x + b``: ``g_r = ∂L/∂r`` from the second convolution's backward;
+    ``∂L/∂z = g_r·s·[r > 0]``; ``∂L/∂s_i = Σ g_r·ReLU(z) = Σ g_r·r/s_i`` (0 where s_i = 0, where
+    s has no gradient anyway: ``s = 2·safe_inverse(t)`` is constant there); x, K, b from the
+    first convolution's backward, and K's second share from ``K'``.
+    First-order only (``once_differentiable``)."""
 
-    def _load_from_state_dict(self, *args, **kwargs):
-        self._drop_cache()
-        return super()._load_from_state_dict(*args, **kwargs)
+    @staticmethod
+    def forward(ctx, x, kernel, bias, scale):
+        k1, b1, k2 = fold_sll_conv(kernel, bias, scale)
+        r = _sll_inner(x, k1, b1)
+        y = torch.add(x, F.conv2d(r, k2, padding=k2.shape[-1] // 2))
+        ctx.save_for_backward(x, kernel, scale, r)
+        ctx.bias_shape = bias.shape
+        return y
 
-    def __getstate__(self):
-        state = dict(super().__getstate__())
-        state.pop("_cache", None)  # derived data: never pickled or deep-copied
-        return state
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gy):
+        x, kernel, scale, r = ctx.saved_tensors
+        pad = kernel.shape[-1] // 2
+        need_x, need_k, need_b, need_s = ctx.needs_input_grad[:4]
+        k2 = adjoint_kernel(kernel)
+        g_r, g_k2, _ = _conv_backward(gy, r, k2, pad, [True, need_k, False])
+        s = scale.view(1, -1, 1, 1)
+        gs = None
+        if need_s:
+            inv = torch.where(scale > 0, 1.0 / scale.clamp_min(torch.finfo(scale.dtype).tiny), 0.0)
+            gs = (g_r * r).sum(dim=(0, 2, 3)) * inv
+        gz = torch.where(r > 0, g_r * s, 0.0)
+        g_x, g_k, g_b = _conv_backward(gz, x, kernel, pad, [need_x, need_k, need_b], bias=True)
+        gx = gy + g_x if need_x else None
+        gk = g_k - g_k2.transpose(0, 1).flip(-2, -1) if need_k else None
+        gb = g_b.reshape(ctx.bias_shape) if need_b else None
+        return gx, gk, gb, gs
+
+
+def _conv_backward(grad_out, inp, weight, pad: int, mask: list[bool], bias: bool = False):
+    """Gradients of ``conv2d(inp, weight (+ bias), padding=pad)`` (what autograd would call)."""
+    return torch.ops.aten.convolution_backward(
+        grad_out, inp, weight, [weight.shape[0]] if bias else None,
+        [1, 1], [pad, pad], [1, 1], False, [0, 0], 1, mask,
+    )  # fmt: skip
+
+
+def _fused_training_applies(x: torch.Tensor, kernel: torch.Tensor) -> bool:
+    """Plain reverse-mode autograd to the parameters in float32/float64 without autocast: the one
+    setting the fused training node is written for (forward AD, torch.func and AMP keep the
+    layer-by-layer graph)."""
+    if not (torch.is_grad_enabled() and kernel.requires_grad):
+        return False
+    if x.dim() != 4 or x.dtype not in (torch.float32, torch.float64):
+        return False
+    if getattr(torch.autograd.forward_ad, "_current_level", 0) >= 0:
+        return False
+    if torch._C._functorch.is_functorch_wrapped_tensor(x):
+        return False
+    dev = x.device.type
+    return not (torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev))
+
+
+def use_fused_training(module: nn.Module, enabled: bool = True) -> nn.Module:
+    """Sets the fused-training flag of every SLL convolution in ``module`` (in place; returns it).
+    On (the default), a training forward runs each SLL convolution as one autograd node with a
+    hand-written backward (same function, less memory); off, as plain autograd ops."""
+    for m in module.modules():
+        if isinstance(m, SLLConv2d):
+            m.fused_training = enabled
+    return module
+
+
+class _SLLBase(LipschitzModule):
+    """Shared by the SLL layers: the inverse rescaling ``s = 2/t``, computed on every call (no
+    cache: a frozen engine, :func:`lipsim.engine.fold`, computes it once) in IEEE float32 from
+    weights of at least float32, under any caller's autocast or TF32 settings
+    (:mod:`lipsim.precision`); differentiable when gradients flow to the parameters."""
+
+    def scale(self) -> torch.Tensor:
+        with ieee_float32(self.bias.device.type):
+            return 2.0 * safe_inverse(self._rescaling())
 
     def _rescaling(self) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
 
-class SLLConv2d(_CachedRescaling):
+class SLLConv2d(_SLLBase):
     """SLL residual convolution ``h(x) = x - 2·𝒦*(T⁻¹ ReLU(𝒦x + b))``, 3×3 kernels, padding 1.
 
     Bound: 1. The Jacobian is ``I - 2𝒦*T⁻¹D𝒦`` with D a 0/1 diagonal (ReLU); since
@@ -270,6 +231,8 @@ class SLLConv2d(_CachedRescaling):
     """
 
     bound_reason = "SLL residual conv: T ⪰ KK* by diagonal dominance of the kernel Gram stencil"
+    #: training forward as one autograd node (:func:`use_fused_training`); not saved with the weights
+    fused_training = True
 
     def __init__(self, channels: int, inner: int = 5, kernel_size: int = 3):
         super().__init__()
@@ -288,24 +251,20 @@ class SLLConv2d(_CachedRescaling):
         nn.init.normal_(self.q)
 
     def _rescaling(self) -> torch.Tensor:
-        return sll_conv_rescaling(_at_least_float32(self.kernel))
+        return sll_conv_rescaling(at_least_float32(self.kernel))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pad = self.kernel.shape[-1] // 2
-        scale = self._scale().to(x.dtype)
+        scale = self.scale().to(x.dtype)
+        if self.fused_training and _fused_training_applies(x, self.kernel):
+            return _SLLConvTrain.apply(x, self.kernel, self.bias, scale)
         kernel = self.kernel.to(x.dtype)
-        res = F.conv2d(x, kernel, bias=self.bias.view(-1).to(x.dtype), padding=pad)
-        res = F.relu(res, inplace=True) * scale.view(1, -1, 1, 1)
-        out = F.conv_transpose2d(res, kernel, padding=pad)
-        if _autodiff_free(x, out):
-            return torch.sub(x, out, out=out)  # nothing records this step: reuse the buffer
-        return x - out
+        return sll_conv(x, kernel, self.bias.to(x.dtype).reshape(-1), adjoint_kernel(kernel), scale=scale)
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, inner={self.inner}"
 
 
-class SLLLinear(_CachedRescaling):
+class SLLLinear(_SLLBase):
     """SLL residual linear layer ``h(x) = x - 2·Wᵀ T⁻¹ ReLU(W x + b)`` (dimension preserving).
 
     Bound: 1. Jacobian ``I - 2WᵀT⁻¹DW`` with ``T ⪰ WWᵀ`` (see :func:`sll_linear_rescaling`),
@@ -329,13 +288,10 @@ class SLLLinear(_CachedRescaling):
         nn.init.normal_(self.q)
 
     def _rescaling(self) -> torch.Tensor:
-        return sll_linear_rescaling(_at_least_float32(self.weight), _at_least_float32(self.q))
+        return sll_linear_rescaling(at_least_float32(self.weight), at_least_float32(self.q))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.weight.to(x.dtype)
-        res = F.relu(F.linear(x, weight, self.bias.view(-1).to(x.dtype)), inplace=True)
-        res = res * self._scale().to(x.dtype)
-        return x - res @ weight
+        return sll_linear(x, self.weight.to(x.dtype), self.bias.to(x.dtype), self.scale().to(x.dtype))
 
     def extra_repr(self) -> str:
         return f"features={self.features}, inner={self.inner}"

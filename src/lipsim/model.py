@@ -6,14 +6,17 @@ evaluated: g is *not* 1-Lipschitz in general, so their certificates use the norm
 of :func:`lipsim.certify.radius_2afc_plain`). ``d(x, y) = 1 - ⟨g(x), g(y)⟩``.
 
 Everything returned here is computed in float32 with TF32 and autocast disabled
-(:func:`exact_float32`), whatever the caller's global settings; certificates are then finished
-in float64 by :mod:`lipsim.certify` (shared with the torch-free :mod:`lipsim.numpy_engine`).
+(:func:`lipsim.precision.exact_float32`), whatever the caller's global settings; certificates are
+then finished in float64 by :mod:`lipsim.certify` (shared with the torch-free
+:mod:`lipsim.numpy_engine`).
+
+Gradient-free calls run the frozen engine (:mod:`lipsim.engine`): :meth:`LipSim.freeze` folds the
+weights once and returns a LipSim around that engine, for many calls on fixed weights; a model
+that is not frozen folds its current weights on each such call (never stale). When gradients can
+flow to the parameters (training), the forward runs the layers themselves.
 """
 
 from __future__ import annotations
-
-import contextlib
-from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -21,27 +24,15 @@ from torch import nn
 from . import certify
 from .archs import ArchConfig, LipschitzBackbone, build_backbone
 from .batching import in_batches
+from .embedding import normalise
+from .engine import FrozenBackbone, fold
 from .errors import LipSimError
 from .images import check_images
-from .layers import _ieee_float32
 from .modelfiles import model_metadata, write_safetensors
+from .precision import exact_float32, reduced
 from .spec import EMBEDDINGS
 
 __all__ = ["LipSim", "EMBEDDINGS", "exact_float32"]
-
-
-@contextlib.contextmanager
-def exact_float32(device_type: str | None = None) -> Iterator[None]:
-    """IEEE float32 for the block: autocast off (CPU, CUDA and ``device_type``, the device the
-    work runs on), no TF32/bf16 matmul or conv precision, whatever the caller set (legacy or
-    per-backend API); restored exactly afterwards."""
-    types = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    if device_type is not None and device_type not in types:
-        types.append(device_type)
-    with contextlib.ExitStack() as stack:
-        for kind in types:
-            stack.enter_context(_ieee_float32(kind))
-        yield
 
 
 def _batch(x, name: str) -> int:
@@ -56,20 +47,18 @@ def _describe(x) -> str:
 
 
 class LipSim(nn.Module):
-    """The perceptual metric. ``model(x, y)`` is the distance; see api.md for the contract.
+    """The perceptual metric. ``model(x, y)`` is the distance; see docs/api.md for the contract.
 
     Images are (B, 3, S, S) float tensors in [0, 1] with S = ``model.input_size`` (224 for all
     registered architectures); anything else raises ``ValueError``.
     """
 
-    def __init__(self, backbone: LipschitzBackbone, embedding: str = "append"):
+    def __init__(self, backbone: LipschitzBackbone | FrozenBackbone, embedding: str = "append"):
         super().__init__()
         if embedding not in EMBEDDINGS:
             raise ValueError(f"embedding must be one of {EMBEDDINGS}, got {embedding!r}")
-        if type(backbone) is LipschitzBackbone:  # fused exact kernels for gradient-free inference
-            from .fast import optimize
-
-            optimize(backbone)
+        if not isinstance(backbone, (LipschitzBackbone, FrozenBackbone)):
+            raise TypeError(f"expected a LipschitzBackbone, got {type(backbone).__name__}")
         self.backbone = backbone
         self.embedding = embedding
 
@@ -98,8 +87,28 @@ class LipSim(nn.Module):
             return t.device
         return torch.device("cpu")  # a parameter-free architecture (pads, pools and reshapes only)
 
+    @property
+    def frozen(self) -> bool:
+        """Whether this model runs a frozen engine (:meth:`freeze`): fixed weights, no parameters."""
+        return isinstance(self.backbone, FrozenBackbone)
+
     def extra_repr(self) -> str:
         return f"arch={self.arch!r}, embedding={self.embedding!r}"
+
+    def freeze(self) -> LipSim:
+        """A LipSim with the same API around this model's weights folded once (:func:`lipsim.engine.fold`):
+        for many gradient-free calls (retrieval, evaluation, serving). A snapshot: it has no
+        parameters, training never sees it, and after the weights change call ``freeze()`` again."""
+        return self if self.frozen else LipSim(fold(self.backbone), self.embedding)
+
+    def _runner(self) -> nn.Module:
+        """What computes f: the layers while gradients can flow to the parameters (training), the
+        frozen engine otherwise (folded now, from the current weights, unless already frozen)."""
+        if self.frozen:
+            return self.backbone
+        if torch.is_grad_enabled() and any(p.requires_grad for p in self.backbone.parameters()):
+            return self.backbone
+        return fold(self.backbone)
 
     # -- the function ---------------------------------------------------------------------------
     def _features_of(self, *named: tuple[torch.Tensor, str]) -> torch.Tensor:
@@ -108,7 +117,7 @@ class LipSim(nn.Module):
             check_images(x, name, size=self.input_size)
         x = torch.cat([x.to(device=self.device, dtype=torch.float32) for x, _ in named])
         with exact_float32(x.device.type):
-            f = self.backbone(x).float()
+            f = self._runner()(x).float()
         if not bool(torch.isfinite(f).all()):
             raise LipSimError(
                 "the model produced non-finite features (NaN or inf): its weights overflow float32"
@@ -119,17 +128,12 @@ class LipSim(nn.Module):
         """The backbone output f(x), (B, k), float32; 1-Lipschitz in x."""
         return self._features_of((x, "images"))
 
-    def _normalise(self, f: torch.Tensor) -> torch.Tensor:
-        if self.embedding == "append":
-            f = torch.cat([f, torch.ones_like(f[:, :1])], dim=1)
-        return f / torch.linalg.vector_norm(f, dim=1, keepdim=True).clamp_min(1e-12)
-
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Unit-norm embeddings g(x), (B, D); differentiable in x."""
-        return self._normalise(self.features(x))
+        return normalise(self.features(x), self.embedding)
 
     def _embed_many(self, *xs: torch.Tensor, names: tuple[str, ...]) -> list[torch.Tensor]:
-        g = self._normalise(self._features_of(*zip(xs, names, strict=True)))
+        g = normalise(self._features_of(*zip(xs, names, strict=True)), self.embedding)
         return list(torch.split(g, [x.shape[0] for x in xs]))
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -196,8 +200,9 @@ class LipSim(nn.Module):
         for images, name in sides:
             if _batch(images, name) == 0:
                 raise ValueError(f"{name}: empty batch")
-        fx = in_batches(self.features, x, batch_size, torch.cat, progress)
-        fy = fx if y is None else in_batches(self.features, y, batch_size, torch.cat, progress)
+        model = self.freeze()  # folded once for all batches
+        fx = in_batches(model.features, x, batch_size, torch.cat, progress)
+        fy = fx if y is None else in_batches(model.features, y, batch_size, torch.cat, progress)
         return certify.pairwise_from_features(fx, fy, self.embedding, eps)
 
     # -- reduced precision (never certified) ----------------------------------------------------
@@ -206,16 +211,17 @@ class LipSim(nn.Module):
         """Embeddings in reduced precision for ranking and retrieval. NOT certified."""
         check_images(x, "images", size=self.input_size)
         x = x.to(self.device)
-        device_type = "cuda" if x.is_cuda else "cpu"
-        with torch.autocast(device_type, dtype=dtype):
-            f = self.backbone(x.to(dtype))
-        return self._normalise(f.float())
+        with reduced(x.device.type, dtype):
+            f = self.freeze().backbone(x.to(dtype))
+        return normalise(f.float(), self.embedding)
 
     # -- persistence ----------------------------------------------------------------------------
     def save(self, path, extra_metadata: dict | None = None) -> None:
         """Writes weights and configuration into one safetensors file (atomically), the format of
         :mod:`lipsim.modelfiles`; ``lipsim.save(model, path)`` is the same call. ``extra_metadata``
         adds text entries to the header (a trainer's teacher, data, ...)."""
+        if self.frozen:
+            raise TypeError("a frozen engine holds folded weights only: save the model it was frozen from")
         state = self.backbone.state_dict()
         tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
         write_safetensors(path, tensors, model_metadata(self.config, self.embedding, extra_metadata))

@@ -1,4 +1,4 @@
-"""Triton kernels for the SLL convolution on GPUs (the fused inference path of :mod:`lipsim.fast`).
+"""Triton kernels for the SLL convolution on GPUs (a kernel set of the frozen engine, :mod:`lipsim.fast`).
 
 One SLL convolution ``x ← x - 𝒦*(s·ReLU(𝒦x + b))`` runs as two kernels over channels-last
 activations, each an implicit GEMM over the nine 3×3 taps:
@@ -32,7 +32,7 @@ except ImportError:  # pragma: no cover - depends on the installation
     triton = None
     tl = None
 
-__all__ = ["available", "fold_weights", "sll_conv_"]
+__all__ = ["available", "pack_weights", "sll_conv_"]
 
 BLOCK_P = 64  # pixels per program
 
@@ -119,22 +119,20 @@ if triton is not None:
         tl.store(ptrs, acc, mask=mask)
 
 
-def fold_weights(kernel: torch.Tensor, bias: torch.Tensor, scale: torch.Tensor) -> tuple:
-    """``(w1, b1, w2)`` for :func:`sll_conv_` from an SLL layer's kernel (inner, C, k, k), bias and
-    rescaling ``s = 2/t``: ``w1[tap] = (s·K)[:, :, u, v]ᵀ`` (C, inner), ``b1 = s·b``,
-    ``w2[tap] = (-flip(K)ᵀ)[:, :, u, v]ᵀ`` (inner, C), taps in row-major (u, v) order."""
-    inner, channels, k, _ = kernel.shape
-    k1 = kernel * scale.view(-1, 1, 1, 1)
+def pack_weights(k1: torch.Tensor, b1: torch.Tensor, k2: torch.Tensor) -> tuple:
+    """``(w1, b1, w2)`` for :func:`sll_conv_` from an SLL layer's folded weights
+    (:func:`lipsim.layers.fold_sll_conv`: ``s·K`` (inner, C, k, k), ``s·b``, ``-flip(K)ᵀ``):
+    ``w1[tap] = (s·K)[:, :, u, v]ᵀ`` (C, inner), ``w2[tap] = (-flip(K)ᵀ)[:, :, u, v]ᵀ`` (inner, C),
+    taps in row-major (u, v) order."""
+    inner, channels, k, _ = k1.shape
     w1 = k1.permute(2, 3, 1, 0).reshape(k * k, channels, inner).contiguous().float()
-    b1 = (bias.reshape(-1) * scale).contiguous().float()
-    k2 = kernel.neg().transpose(0, 1).flip(-2, -1)  # (C, inner, k, k)
     w2 = k2.permute(2, 3, 1, 0).reshape(k * k, inner, channels).contiguous().float()
-    return w1, b1, w2
+    return w1, b1.reshape(-1).contiguous().float(), w2
 
 
 def sll_conv_(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
     """``x ← x - 𝒦*(s·ReLU(𝒦x + b))`` in place on a channels-last float32 (N, C, H, W) tensor,
-    with weights from :func:`fold_weights`; returns x."""
+    with weights from :func:`pack_weights`; returns x."""
     if triton is None:
         raise RuntimeError("Triton is not installed")
     if x.dtype != torch.float32 or not x.is_contiguous(memory_format=torch.channels_last):

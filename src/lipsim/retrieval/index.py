@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..embedding import normalise
 from ..fileio import atomic_write
 from .certificate import search_allowance, top1_radius
 from .identity import ModelIdentity
@@ -118,9 +119,10 @@ def embed_images(model, images: torch.Tensor, batch_size: int = 32) -> tuple[np.
     """Unit embeddings g(x) (float32, (B, D)) and feature norms ‖f(x)‖ (float32, (B,)) of images
     (B, 3, S, S) in [0, 1], computed in exact float32 by the model, in batches."""
     embs, norms = [], []
+    model = model.freeze()  # weights folded once for every batch
     for start in range(0, images.shape[0], batch_size):
         f = model.features(images[start : start + batch_size])
-        embs.append(model._normalise(f).cpu().numpy().astype(np.float32))
+        embs.append(normalise(f, model.embedding).cpu().numpy().astype(np.float32))
         norms.append(torch.linalg.vector_norm(f.double(), dim=1).cpu().numpy().astype(np.float32))
     if not embs:
         return np.zeros((0, model.embed_dim), np.float32), np.zeros((0,), np.float32)

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoints import load
+from ..embedding import normalise
 from ..model import LipSim
 from ..modelfiles import RUN_CHECKPOINT, RUN_MODEL, is_safetensors, is_training_checkpoint, run_folder_files
 from . import distributed
@@ -195,7 +196,7 @@ class FinetuneTask(TrainTask):
         y = batch["y"].to(device, torch.float32, non_blocking=True)
         n = ref.shape[0]
         f = net(torch.cat([ref, x0, x1])).float()
-        g = self.model._normalise(f)
+        g = normalise(f, self.model.embedding)
         g_ref, g0, g1 = g[:n], g[n : 2 * n], g[2 * n :]
         d0 = 1.0 - (g_ref * g0).sum(dim=1)
         d1 = 1.0 - (g_ref * g1).sum(dim=1)

@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import DistributedSampler
 
 from ..modelfiles import RUN_CHECKPOINT, RUN_MODEL
+from ..precision import amp_dtype
 from .distributed import DistEnv
 
 
@@ -86,18 +87,9 @@ def epoch_steps(n_items: int, batch_size: int) -> int:
 
 # -- optimiser and precision ------------------------------------------------------------------
 def resolve_amp(mode: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of an ``--amp`` mode on ``device`` (None: no autocast; CUDA only)."""
-    if device.type != "cuda":
-        if mode in ("bf16", "fp16"):
-            raise ValueError(f"mixed precision ({mode}) is only used on CUDA; this run is on {device}")
-        return None
-    if mode == "off":
-        return None
-    if mode == "fp16":
-        return torch.float16
-    if mode == "bf16" or torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float16
+    """The autocast dtype of an ``--amp`` mode on ``device`` (None: no autocast; CUDA only);
+    decided by the precision policy, :func:`lipsim.precision.amp_dtype`."""
+    return amp_dtype(mode, device)
 
 
 def reset_hyperparameters(optimizer: torch.optim.Optimizer, cfg) -> None:
