@@ -150,6 +150,8 @@ def test_freeze_keeps_the_model_its_state_dict_saving_and_copies(tmp_path, image
     assert list(model.state_dict()) == keys and type(model.backbone) is LipschitzBackbone
     assert list(frozen.parameters()) == [] and list(frozen.state_dict()) == []  # training never sees it
     assert frozen.freeze() is frozen
+    model.untrained = True  # notes callers attach to a model travel with its frozen engine
+    assert model.freeze().untrained and not hasattr(frozen, "untrained")
     ref = frozen.embed(images)
     model.save(tmp_path / "m.safetensors")
     assert torch.allclose(lipsim.load(tmp_path / "m.safetensors").embed(images), ref, atol=1e-6)

@@ -99,7 +99,13 @@ class LipSim(nn.Module):
         """A LipSim with the same API around this model's weights folded once (:func:`lipsim.engine.fold`):
         for many gradient-free calls (retrieval, evaluation, serving). A snapshot: it has no
         parameters, training never sees it, and after the weights change call ``freeze()`` again."""
-        return self if self.frozen else LipSim(fold(self.backbone), self.embedding)
+        if self.frozen:
+            return self
+        frozen = LipSim(fold(self.backbone), self.embedding)
+        for key, value in vars(self).items():  # plain notes callers attached (``untrained``, ...)
+            if not key.startswith("_") and key not in vars(frozen):
+                setattr(frozen, key, value)
+        return frozen.train(self.training)
 
     def _runner(self) -> nn.Module:
         """What computes f: the layers while gradients can flow to the parameters (training), the

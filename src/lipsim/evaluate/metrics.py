@@ -114,10 +114,10 @@ class LipSimMetric(Metric):
 
     def __init__(self, model, name: str = "lipsim"):
         super().__init__(model.device)
-        self.model = model
+        self.model = model.freeze()  # evaluation: the weights folded once (lipsim.engine)
         self.name = name
         self.input_size = model.input_size
-        self.certify_2afc = model.certify_2afc
+        self.certify_2afc = self.model.certify_2afc
 
     def distance(self, x, y):
         return self.model(x.to(self.device), y.to(self.device))
