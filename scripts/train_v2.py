@@ -106,7 +106,7 @@ def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--arch", default="s2d-lite-pool")
+    p.add_argument("--arch", default="s2d-lite-pool-distill")
     p.add_argument(
         "--head", default=None, help="override the architecture's head (sum, norm, sum_norm, sum_std)"
     )

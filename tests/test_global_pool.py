@@ -104,18 +104,23 @@ def test_bad_mode_and_shape_are_one_line_errors():
 
 def test_plan_and_sizes_of_the_pooled_architectures():
     plan = dict(layer_plan("s2d-lite-pool"))
-    assert [s.kind for s in plan["head"]] == ["global_pool", "zero_pad", "sll_linear", "sll_linear"]
+    assert [s.kind for s in plan["head"]] == ["global_pool"]
     assert plan["head"][0].args == ("sum_std",)
-    cfg = get_config("s2d-lite-pool")
+    assert get_config("s2d-lite-pool").out_dim == 384
+    plan = dict(layer_plan("s2d-lite-pool-distill"))
+    assert [s.kind for s in plan["head"]] == ["global_pool", "zero_pad", "sll_linear", "sll_linear"]
+    cfg = get_config("s2d-lite-pool-distill")
     assert cfg.flat_dim() == 384 and cfg.feature_width() == 2712
     with torch.device("meta"):
-        backbone = build_backbone("s2d-lite-pool")
+        n_plain = sum(p.numel() for p in build_backbone("s2d-lite-pool").parameters())
+        backbone = build_backbone("s2d-lite-pool-distill")
         n = sum(p.numel() for p in backbone.parameters())
-    assert n == 3_021_408  # trunk 242,272 + two SLL linear layers 2 × 1,389,568
+    assert n_plain == 242_272  # s2d-lite's trunk: 3 × 6,944 + 4 × 55,360
+    assert n == 3_021_408  # the trunk + two SLL linear layers 2 × 1,389,568
     assert n * 4 <= 40 * 1024 * 1024
     # the trunk's parameters are s2d-lite's, so a packaged s2d-lite trunk can seed it
     lite = expected_state("s2d-lite")
-    pooled = expected_state("s2d-lite-pool")
+    pooled = expected_state("s2d-lite-pool-distill")
     assert {k: v for k, v in lite.items() if k.startswith("stage")} == {
         k: v for k, v in pooled.items() if k.startswith("stage")
     }

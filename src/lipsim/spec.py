@@ -347,10 +347,26 @@ register(
     )
 )
 # s2d-lite's trunk behind a global 1-Lipschitz pooling head (issue 16): [Σ_p h/√n ; ‖h_c - mean‖]
-# per channel (384 features), zero-padded to the teacher's 2712 and two SLL linear layers
+# per channel, 384 features, nothing after it (the packaged default model since v2)
 register(
     ArchConfig(
         "s2d-lite-pool",
+        "s2d",
+        out_dim=384,
+        s2d=4,
+        stages=((3, 16), (4, 32)),
+        pool=1,
+        head="sum_std",
+        linear_width=0,
+        depth_linear=0,
+        n_features=512,
+        center=0.5,
+    )
+)
+# the same behind two SLL linear layers, zero-padded to the offline teacher's 2712 (distillation)
+register(
+    ArchConfig(
+        "s2d-lite-pool-distill",
         "s2d",
         out_dim=2712,
         s2d=4,
