@@ -89,14 +89,6 @@ class FrozenBackbone(nn.Module):
             self.register_buffer(key, t, persistent=False)
         self._packed: dict = {}
 
-    @property
-    def out_dim(self) -> int:
-        return self.config.out_dim
-
-    @property
-    def input_size(self) -> int:
-        return self.config.input_size
-
     def _apply(self, fn, recurse: bool = True):
         self._packed = {}
         return super()._apply(fn, recurse)

@@ -58,12 +58,7 @@ def sll_conv_rescaling(kernel: torch.Tensor) -> torch.Tensor:
     The published code multiplies by exp(q) and exp(-q) along the same axis, so q cancels: we
     reproduce that (q is stored, never used), which keeps published checkpoints bit-compatible.
     """
-    size = kernel.shape[-1]
-    # G[i, j, a, b] = Σ_{c,u,v} K_pad[i, c, a+u, b+v]·K[j, c, u, v] (the convolution of K with
-    # itself at padding size-1) as one matrix product over the shifted windows: oneDNN's
-    # convolution takes ~50 ms on these tiny odd shapes, this takes well under 1 ms
-    windows = F.pad(kernel, (size - 1,) * 4).unfold(2, size, 1).unfold(3, size, 1)  # (i, c, a, b, u, v)
-    gram = torch.einsum("icabuv,jcuv->ijab", windows, kernel)
+    gram = F.conv2d(kernel, kernel, padding=kernel.shape[-1] - 1)
     return gram.abs().sum(dim=(1, 2, 3))
 
 

@@ -73,11 +73,11 @@ class LipSim(nn.Module):
 
     @property
     def input_size(self) -> int:
-        return self.backbone.input_size
+        return self.config.input_size
 
     @property
     def embed_dim(self) -> int:
-        return self.backbone.out_dim + (1 if self.embedding == "append" else 0)
+        return self.config.out_dim + (1 if self.embedding == "append" else 0)
 
     @property
     def device(self) -> torch.device:
