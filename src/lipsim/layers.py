@@ -210,11 +210,14 @@ def use_fused_training(module: nn.Module, enabled: bool = True) -> nn.Module:
 
 class _SLLBase(LipschitzModule):
     """Shared by the SLL layers: the inverse rescaling ``s = 2/t``, computed on every call (no
-    cache: a frozen engine, :func:`lipsim.engine.fold`, computes it once) in IEEE float32 from
-    weights of at least float32, under any caller's autocast or TF32 settings
-    (:mod:`lipsim.precision`); differentiable when gradients flow to the parameters."""
+    cache: a frozen engine, :func:`lipsim.engine.fold`, computes it once) from weights of at least
+    float32 with autocast off; in IEEE float32 (no TF32, whatever the caller set) unless gradients
+    flow to the parameters, where it is differentiable (:mod:`lipsim.precision`)."""
 
     def scale(self) -> torch.Tensor:
+        if torch.is_grad_enabled() and self.bias.requires_grad:  # training: float32, autocast off
+            with torch.autocast(self.bias.device.type, enabled=False):
+                return 2.0 * safe_inverse(self._rescaling())
         with ieee_float32(self.bias.device.type):
             return 2.0 * safe_inverse(self._rescaling())
 

@@ -8,8 +8,9 @@ promises"):
   caller set globally (:func:`exact_float32`). The certificate arithmetic itself runs in float64
   (:mod:`lipsim.certify`).
 * **SLL rescalings** ``t`` (and so ``s = 2/t``) are computed from weights of at least float32
-  (:func:`at_least_float32`) under :func:`ieee_float32`, in training too: a Gram matrix summed in
-  16 bits can fall below ``WWᵀ``, and the layer would no longer be 1-Lipschitz.
+  (:func:`at_least_float32`) with autocast off, in training too: a Gram matrix summed in 16 bits
+  can fall below ``WWᵀ``, and the layer would no longer be 1-Lipschitz. Outside training (the
+  frozen engine's fold, which certified outputs use) also under :func:`ieee_float32`.
 * **Reduced precision** (bf16, fp16 on GPUs) may rank and retrieve (:func:`reduced`, used by
   ``embed_fast``) and may train (:func:`amp_dtype`, the ``--amp`` modes), never certify.
 """
