@@ -99,7 +99,7 @@ def resolve_inference_model(args):
             return model, load_image_array
     import lipsim
 
-    model = resolve_model(source, args.device)
+    model = resolve_model(source, args.device).freeze()  # inference only: the weights folded once
     model.engine = "torch"
     return model, lipsim.load_image
 
