@@ -105,6 +105,21 @@ def test_train_without_device_runs(tmp_path, photos, teacher_module, capsys):
     assert lipsim.load(out).arch == "tiny-s2d"
 
 
+def test_train_default_workers_fit_the_machine(monkeypatch):
+    """The loader-worker default is capped by the usable CPUs (4 workers on 2 CPUs made torch warn
+    on every documented 'lipsim train' run here)."""
+    from lipsim.cli import build_parser
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    args = build_parser().parse_args(["train", "distill", "--data-dir", "d", "--teacher", "t",
+                                      "--arch", "tiny-s2d", "--out", "o"])  # fmt: skip
+    assert args.num_workers == 2
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    args = build_parser().parse_args(["train", "distill", "--data-dir", "d", "--teacher", "t",
+                                      "--arch", "tiny-s2d", "--out", "o"])  # fmt: skip
+    assert args.num_workers == 4
+
+
 @pytest.fixture(scope="module")
 def interrupted_run(tmp_path_factory, photos, teacher_module):
     """A run folder stopped after one of three steps: checkpoints/last.pt, no model.safetensors."""

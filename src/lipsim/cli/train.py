@@ -32,6 +32,15 @@ class _TqdmHandler(logging.Handler):
             self.handleError(record)
 
 
+def _default_workers() -> int:
+    """4 loader workers, capped by the CPUs this process may use (torch warns above that count)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    return min(4, cpus)
+
+
 def _setup_logging(quiet: bool) -> None:
     logger = logging.getLogger("lipsim.train")
     rank = int(os.environ.get("RANK", "0") or 0)
@@ -111,7 +120,12 @@ def _add_loop_args(p: argparse.ArgumentParser, lr: float, length_help: str) -> N
     p.add_argument(
         "--seed", type=_non_negative_int, default=0, help="seed of init, data order, views (default 0)"
     )
-    p.add_argument("--num-workers", type=_non_negative_int, default=4, help="data loader workers per process")
+    p.add_argument(
+        "--num-workers",
+        type=_non_negative_int,
+        default=_default_workers(),
+        help="data loader workers per process (default: 4, or fewer on a machine with fewer CPUs)",
+    )
     p.add_argument(
         "--checkpoint-every",
         type=_non_negative_int,
