@@ -47,3 +47,15 @@ def test_default_model_prefers_a_mirror_and_a_weak_blur(model, photos):
     weak = torch.nn.functional.avg_pool2d(cat, 3, stride=1, padding=1, count_include_pad=False)
     strong = torch.nn.functional.avg_pool2d(cat, 9, stride=1, padding=4, count_include_pad=False)
     assert int(model.certify_2afc(cat, weak, strong).closer) == 0
+
+
+def test_default_model_is_the_pooled_v2_and_prefers_a_shift_to_noise(model, photos):
+    """v2 (issue 16): the global pooling head; a 3-px translation of a photo is closer than noise
+    of half the translation's ℓ2 norm (pixel ℓ2 says the opposite by construction)."""
+    assert model.config.name == "s2d-lite-pool" and model.config.head == "sum_std"
+    cat = photos["cat_a"]
+    shifted = torch.nn.functional.pad(cat[..., :-3], (3, 0, 0, 0), mode="replicate")
+    noise = torch.randn(cat.shape, generator=torch.Generator().manual_seed(0))
+    noisy = (cat + noise * (0.5 * (shifted - cat).norm() / noise.norm())).clamp(0, 1)
+    assert (noisy - cat).norm() < (shifted - cat).norm()
+    assert int(model.certify_2afc(cat, shifted, noisy).closer) == 0
