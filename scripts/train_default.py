@@ -3,7 +3,7 @@
 This is the v1 recipe, and the data steps (corpus, pool, cache) of v2. The packaged model since
 issue 16 (v2) starts from v1's trunk and adds the stages of ``scripts/train_v2.py``; its exact
 commands are in src/lipsim/weights/MODEL_CARD.md. The ``cache`` step runs the teacher over the
-8,000-image pool: about 20 min on 2 idle cores, over an hour when they are shared.
+8,000-image pool: it ran at 1-3 images/s on 2 cores shared with other jobs (over an hour).
 
 Steps (each skipped when its output exists, so the script resumes; every command is printed):
 
