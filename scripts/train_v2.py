@@ -213,7 +213,7 @@ def main() -> int:
     step = 0
     log: list[dict] = []
     if args.resume and last.exists():
-        ckpt = torch.load(last, weights_only=False)
+        ckpt = torch.load(last, weights_only=True)  # tensors and plain containers only: no unpickling of code
         model.backbone.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         gen.set_state(ckpt["generator"])
