@@ -209,7 +209,7 @@ def test_modelfiles_reads_model_files_without_torch(tmp_path, tiny):
     [
         (b"", "empty"),
         (b"this is not a model", "not a readable"),
-        (b"\x10\x00\x00\x00\x00\x00\x00\x00{bad json", ""),
+        (b"\x10\x00\x00\x00\x00\x00\x00\x00{bad json", "not a readable safetensors file"),
     ],
 )
 def test_corrupt_files_give_one_line_errors(tmp_path, content, message):
