@@ -346,8 +346,8 @@ register(
         center=0.5,
     )
 )
-# s2d-lite's trunk behind a global 1-Lipschitz pooling head (issue 16): [Σ_p h/√n ; ‖h_c - mean‖]
-# per channel, 384 features, nothing after it (the packaged default model since v2)
+# s2d-lite's trunk behind a global 1-Lipschitz pooling head: [Σ_p h/√n ; ‖h_c - mean‖] per channel,
+# 384 features, nothing after it (the hinge-only end of the v2 trade-off in the model card)
 register(
     ArchConfig(
         "s2d-lite-pool",
@@ -363,7 +363,8 @@ register(
         center=0.5,
     )
 )
-# the same behind two SLL linear layers, zero-padded to the offline teacher's 2712 (distillation)
+# the same behind two SLL linear layers, zero-padded to the offline teacher's 2712 (distillation;
+# the packaged default model since v2)
 register(
     ArchConfig(
         "s2d-lite-pool-distill",
