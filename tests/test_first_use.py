@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 
 import lipsim
+from conftest import importable_module
 from lipsim.cli import main
 from lipsim.devices import DeviceError, short_reason, usable_device
 from lipsim.errors import LipSimError
@@ -65,14 +66,8 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 @pytest.fixture(scope="module")
 def teacher_module(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("teacher")
-    (folder / "first_use_teacher.py").write_text(TEACHER)
-    sys.path.insert(0, str(folder))
-    try:
-        yield importlib.import_module("first_use_teacher"), folder
-    finally:
-        sys.path.remove(str(folder))
-        sys.modules.pop("first_use_teacher", None)
+    with importable_module(tmp_path_factory.mktemp("teacher"), "first_use_teacher", TEACHER) as loaded:
+        yield loaded
 
 
 @pytest.fixture(scope="module")

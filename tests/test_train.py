@@ -7,7 +7,6 @@ small frozen fake teacher (a module written to disk so that subprocesses can imp
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import signal
@@ -23,6 +22,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import lipsim
+from conftest import importable_module
 from lipsim.cli import main as cli_main
 from lipsim.train import (
     DistillConfig,
@@ -88,13 +88,8 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 @pytest.fixture(scope="module")
 def fake_module(tmp_path_factory):
     folder = tmp_path_factory.mktemp("fake_teacher")
-    (folder / "lipsim_fake_teacher.py").write_text(FAKE_TEACHER)
-    sys.path.insert(0, str(folder))
-    try:
-        yield importlib.import_module("lipsim_fake_teacher"), folder
-    finally:
-        sys.path.remove(str(folder))
-        sys.modules.pop("lipsim_fake_teacher", None)
+    with importable_module(folder, "lipsim_fake_teacher", FAKE_TEACHER) as loaded:
+        yield loaded
 
 
 def _subprocess_env(folder: Path) -> dict:
