@@ -348,7 +348,7 @@ register(
 )
 # s2d-lite's trunk behind a global 1-Lipschitz pooling head: [Σ_p h/√n ; ‖h_c - mean‖] per channel,
 # 384 features, nothing after it (the hinge-only end of the v2 trade-off in the model card)
-register(
+_S2D_LITE_POOL = register(
     ArchConfig(
         "s2d-lite-pool",
         "s2d",
@@ -366,18 +366,8 @@ register(
 # the same behind two SLL linear layers, zero-padded to the offline teacher's 2712 (distillation;
 # the packaged default model since v2)
 register(
-    ArchConfig(
-        "s2d-lite-pool-distill",
-        "s2d",
-        out_dim=2712,
-        s2d=4,
-        stages=((3, 16), (4, 32)),
-        pool=1,
-        head="sum_std",
-        linear_width=2712,
-        depth_linear=2,
-        n_features=512,
-        center=0.5,
+    dataclasses.replace(
+        _S2D_LITE_POOL, name="s2d-lite-pool-distill", out_dim=2712, linear_width=2712, depth_linear=2
     )
 )
 
