@@ -9,6 +9,7 @@ by 1 % in either direction fails a test. Exact cases pin the formulas to hand-co
 """
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -17,6 +18,11 @@ import torch
 from lipsim import certify
 
 SLACK = certify.FLOAT_SLACK
+
+
+def _low(r: float) -> float:
+    """The norm the certificates use for a computed ‖f(x)‖ = r (lowered for float32 rounding)."""
+    return r * (1 - certify.NORM_SLACK) - SLACK
 
 
 def _g(f: np.ndarray, embedding: str) -> np.ndarray:
@@ -75,15 +81,84 @@ def test_plain_movement_bound_covers_every_reachable_embedding(r, eps):
 def test_movement_bound_exact_values():
     r = lambda v: np.array([v])  # noqa: E731
     rho = lambda eps, v: certify.movement_bound(eps, r(v)).item()  # noqa: E731
-    # plain mode: ε/√(r'(r' - ε)) with r' = r - FLOAT_SLACK
-    assert rho(0.5, 2.0) == pytest.approx(0.5 / math.sqrt((2 - SLACK) * (1.5 - SLACK)), rel=1e-12)
+    # plain mode: ε/√(r'(r' - ε)) with r' = r lowered by the slacks
+    assert rho(0.5, 2.0) == pytest.approx(0.5 / math.sqrt(_low(2) * (_low(2) - 0.5)), rel=1e-12)
     assert rho(0.5, 2.0) == pytest.approx(0.288675, rel=1e-4)
-    assert rho(0.5, 10.0) == pytest.approx(0.5 / math.sqrt(10 * 9.5), rel=1e-5)
+    assert rho(0.5, 10.0) == pytest.approx(0.5 / math.sqrt(10 * 9.5), rel=1e-4)
     assert rho(0.9, 1.0) == 2.0  # ρ(ε) = ε/√(r(r-ε)) exceeds 2: the trivial bound
     assert rho(1.0, 1.0) == 2.0 and rho(3.0, 1.0) == 2.0  # ε ≥ r: g may point anywhere
     # append mode: ρ = ε, capped at the diameter 2
     assert certify.movement_bound(0.3).item() == pytest.approx(0.3, rel=1e-15)
     assert certify.movement_bound(5.0).item() == 2.0
+
+
+@pytest.mark.parametrize("r", [0.0, 0.4, 3.0, 20.0])
+@pytest.mark.parametrize("eps", [0.01, 0.14, 0.5, 5.0])
+def test_norm_aware_append_bound_covers_every_reachable_embedding(r, eps):
+    """Append mode with r = ‖f(x)‖: ρ(ε) = ε/√(max(r - ε, 0)² + 1) ≥ ‖g(x + δ) - g(x)‖, and for a
+    short move it is nearly reached (a step across f(x) turns z = [f; 1] by ≈ ε/‖z‖)."""
+    rng = np.random.default_rng(11)
+    f = rng.standard_normal(3)
+    f *= r / np.linalg.norm(f)
+    rho = certify.movement_bound(eps, np.array([r]), embedding="append").item()
+    assert rho == pytest.approx(min(eps / math.sqrt(max(_low(r) - eps, 0.0) ** 2 + 1), 2.0), rel=1e-12)
+    assert rho <= eps  # never worse than the bound without the norm
+    moved = _ball(f, eps, 6000, rng)
+    worst = np.linalg.norm(_g(moved, "append") - _g(f, "append"), axis=1).max()
+    assert worst <= rho * (1 + 1e-12)
+    if eps <= 0.14 and r > 0:
+        assert worst >= 0.9 * rho
+
+
+def test_inverse_movement_is_the_largest_eps_within_k():
+    for mode in ("append", "plain"):
+        for r in (0.05, 0.5, 1.0, 2.5, 20.0):
+            for k in (1e-4, 0.01, 0.1, 0.3, 0.99, 1.0, 1.5):
+                if mode == "append" and k > 1:
+                    continue  # the margin k = m/B never exceeds 1
+                eps = certify.inverse_movement(k, np.array([r]), embedding=mode).item()
+                assert eps > 0
+                rho, rho_more = (
+                    certify.movement_bound(e, np.array([r]), embedding=mode).item() for e in (eps, 1.01 * eps)
+                )
+                assert rho <= k * (1 + 1e-9), (mode, r, k)
+                if mode == "append" or eps < k:  # plain mode caps its radius at k (conservative)
+                    assert rho_more > k, (mode, r, k)  # 1 % more is too much: it is tight
+    # hand-computed: r' = 3, k = 0.2 gives ε = 0.2·10/(√(10 - 0.04) + 0.6) = 0.532487...
+    r = (3 + SLACK) / (1 - certify.NORM_SLACK)  # so that the lowered norm is exactly 3
+    eps = certify.inverse_movement(0.2, np.array([r]), embedding="append").item()
+    assert eps == pytest.approx(2 / (math.sqrt(9.96) + 0.6), rel=1e-12)
+    assert eps == pytest.approx(0.532487, rel=1e-5)
+    assert eps / math.sqrt((3 - eps) ** 2 + 1) == pytest.approx(0.2, rel=1e-12)
+    # no norm: ρ = ε, the inverse is the identity; k ≥ r: the ball may reach f = 0, again ε = k
+    assert certify.inverse_movement(0.2).item() == 0.2
+    assert certify.inverse_movement(0.5, np.array([0.3]), embedding="append").item() == 0.5
+    with pytest.raises(ValueError, match="need ref_norm"):
+        certify.inverse_movement(0.2, embedding="plain")
+    with warnings.catch_warnings():  # r = 0 and k ≥ 1: no 0/0 warning from the masked branch
+        warnings.simplefilter("error")
+        assert (
+            certify.radius_threshold(np.array([0.0]), 1.9, ref_norm=np.array([0.0]), embedding="append")[0]
+            > 0
+        )
+
+
+def test_append_norm_recovered_from_the_embedding_is_a_lower_bound():
+    rng = np.random.default_rng(12)
+    f = rng.standard_normal((50, 6)) * rng.uniform(0.0, 40.0, size=(50, 1))
+    r = np.linalg.norm(f, axis=1)
+    g = _g(f, "append").astype(np.float32)  # as model.embed stores them
+    rec = certify.append_norm_from_embedding(g)
+    assert (rec <= r).all() and np.allclose(rec, r, rtol=1e-4, atol=1e-5)
+    for not_append in ([1.0, 0.0, -0.5], [1.0, 0.0, 0.0], [0.6, 0.8, -1e-13]):  # last entry ≤ 0
+        assert certify.append_norm_from_embedding(np.array([not_append]))[0] == 0.0
+    # so the interval falls back to ρ = ε there
+    gx, gy = np.array([[1.0, 0.0, 0.0]]), np.array([[0.0, 1.0, 0.0]])
+    _, lo, hi = certify.pairwise_from_embeddings(gx, gy, 0.5, embedding="append")
+    _, lo_eps, hi_eps = certify.pairwise_from_embeddings(gx, gy, 0.5)
+    assert float(lo[0, 0]) == float(lo_eps[0, 0]) and float(hi[0, 0]) == float(hi_eps[0, 0])
+    # a scaled copy (unit only to float32 precision) gives the same norm
+    assert np.allclose(certify.append_norm_from_embedding(g * 1.00005), rec, rtol=1e-6)
 
 
 # -- 2AFC radii --------------------------------------------------------------------------------
@@ -169,6 +244,77 @@ def test_append_radius_survives_an_attack_on_a_relu_backbone():
     assert (gap[radius > 0] > 0).all()
 
 
+def test_norm_aware_append_radius_is_sound_for_linear_backbones():
+    """certificate_from_features (which uses ‖f(x_ref)‖) against the exact flip distance of
+    f(x) = Wx + b, with references far from f = 0, where the norm-aware radius is much larger."""
+    rng = np.random.default_rng(13)
+    k = 3
+    gains = []
+    for _ in range(400):
+        W = rng.standard_normal((k, k))
+        W /= np.linalg.norm(W, 2)
+        b = rng.standard_normal(k) * rng.uniform(0.0, 8.0)
+        x, x0, x1 = rng.standard_normal((3, k))
+        f_ref, f0, f1 = (W @ v + b for v in (x, x0, x1))
+        cert = certify.certificate_from_features(f_ref[None], f0[None], f1[None], "append")
+        radius = float(cert.radius[0])
+        if radius > 0:
+            g_ref, g0, g1 = (_g(v, "append")[0] for v in (f_ref, f0, f1))
+            exact = _flip_distance_linear(W, b, x, g0 - g1)
+            assert radius <= exact
+            plain_lipschitz = float(certify.radius_2afc(cert.d0, cert.d1, g0[None], g1[None])[0])
+            assert radius >= plain_lipschitz * (1 - 1e-6)
+            gains.append(radius / plain_lipschitz)
+    assert len(gains) > 300
+    assert np.median(gains) > 1.5  # the reason for the norm-aware bound
+
+
+def test_norm_aware_append_radius_survives_an_attack_on_a_relu_backbone():
+    """As the attack test above, with features far from 0 and the radius of
+    certificate_from_features: PGD inside the certified ball never flips a decision."""
+    gen = torch.Generator().manual_seed(14)
+    k, h, n = 4, 8, 64
+    w1 = torch.randn(h, k, generator=gen, dtype=torch.float64)
+    w1 /= torch.linalg.matrix_norm(w1, 2)
+    w2 = torch.randn(k, h, generator=gen, dtype=torch.float64)
+    w2 /= torch.linalg.matrix_norm(w2, 2)
+    b1 = torch.randn(h, generator=gen, dtype=torch.float64) * 0.3
+    b2 = torch.randn(k, generator=gen, dtype=torch.float64) * 3.0
+
+    def feats(x):
+        return torch.relu(x @ w1.T + b1) @ w2.T + b2
+
+    def g(x):
+        f = feats(x)
+        z = torch.cat([f, torch.ones_like(f[:, :1])], dim=1)
+        return z / z.norm(dim=1, keepdim=True)
+
+    x, x0, x1 = torch.randn(3, n, k, generator=gen, dtype=torch.float64) * 2
+    cert = certify.certificate_from_features(feats(x), feats(x0), feats(x1), "append")
+    radius = cert.radius.double()
+    assert (radius > 0).sum() > n // 2
+    g0, g1 = g(x0), g(x1)
+    sign = torch.where(cert.closer == 0, 1.0, -1.0).double()
+    flips_at = []
+    for scale in (1.0, 10.0):  # inside the certified ball, then beyond it (the attack must bite)
+        budget = radius * scale
+        delta = torch.randn(n, k, generator=gen, dtype=torch.float64) * 1e-3
+        for _ in range(80):
+            delta.requires_grad_(True)
+            gp = g(x + delta)
+            gap = sign * ((1 - (gp * g1).sum(1)) - (1 - (gp * g0).sum(1)))
+            (grad,) = torch.autograd.grad(gap.sum(), delta)
+            with torch.no_grad():
+                delta = delta - 0.1 * budget[:, None] * grad / grad.norm(dim=1, keepdim=True).clamp_min(1e-30)
+                delta *= torch.clamp(budget / delta.norm(dim=1).clamp_min(1e-30), max=1.0)[:, None]
+        with torch.no_grad():
+            gp = g(x + delta)
+            gap = sign * ((1 - (gp * g1).sum(1)) - (1 - (gp * g0).sum(1)))
+        flips_at.append(int((gap[radius > 0] <= 0).sum()))
+    assert flips_at[0] == 0
+    assert flips_at[1] > 0  # ten times the radius: the same attack does flip some
+
+
 def test_plain_radius_is_sound_against_every_reachable_feature():
     """Plain mode: g = f/‖f‖, so the decision flips exactly where the ball around f(x) meets the
     hyperplane ⟨f, g0 - g1⟩ = 0; the certified radius must stay below that distance."""
@@ -201,7 +347,7 @@ def test_plain_radius_exact_values():
         return float(certify.radius_2afc_plain(d0, d1, g0, g1, np.array([r]))[0])
 
     def root(r):  # ε* solving B·ε/√(r(r - ε)) = m, with the slacks the function applies
-        mm, bb, rr = m - SLACK, b * (1 + 1e-6), r - SLACK
+        mm, bb, rr = m - SLACK, b * (1 + 1e-6), _low(r)
         return rr * mm * (math.sqrt(mm**2 + 4 * bb**2) - mm) / (2 * bb**2)
 
     # r = 0.8: ‖f‖ may fall below 1, only the norm-aware bound applies
@@ -242,8 +388,8 @@ def test_2afc_radius_exact_values_and_ties():
 def test_interval_contains_every_reachable_distance(embedding, eps):
     rng = np.random.default_rng(5)
     k = 3
-    fx = rng.standard_normal((12, k)) * rng.uniform(0.05, 3.0, size=(12, 1))
-    fy = rng.standard_normal((12, k)) * rng.uniform(0.05, 3.0, size=(12, 1))
+    fx = rng.standard_normal((12, k)) * rng.uniform(0.05, 8.0, size=(12, 1))
+    fy = rng.standard_normal((12, k)) * rng.uniform(0.05, 8.0, size=(12, 1))
     fy[0] = fx[0]  # the same image
     fy[1] = fx[1] + 1e-3  # nearly the same image
     d, lo, hi = certify.interval_from_features(fx, fy, eps, embedding)
@@ -251,7 +397,13 @@ def test_interval_contains_every_reachable_distance(embedding, eps):
     for i in range(len(fx)):
         moved = _ball(fx[i], eps, 3000, rng) if eps > 0 else fx[i][None]
         reach = _distance(_g(moved, embedding), _g(fy[i], embedding)[0])
-        assert lo[i] <= reach.min() and reach.max() <= hi[i], (i, lo[i], reach.min(), reach.max(), hi[i])
+        assert lo[i] <= reach.min() + 1e-12 and reach.max() <= hi[i] + 1e-12, (
+            i,
+            lo[i],
+            reach.min(),
+            reach.max(),
+            hi[i],
+        )
 
 
 @pytest.mark.parametrize("eps", [0.05, 0.3])
@@ -307,6 +459,24 @@ def test_threshold_radius_is_sound(threshold):
     d = _distance(gx, gy)
     radius = certify.radius_threshold(d, threshold)
     assert radius.dtype == np.float32
+    assert (radius > 0).sum() > 20
+    for i in np.nonzero(radius > 0)[0]:
+        moved = _ball(fx[i], float(radius[i]) * (1 - 1e-7), 2000, rng)
+        reach = _distance(_g(moved, "append"), gy[i])
+        assert ((reach < threshold) == (d[i] < threshold)).all()
+
+
+@pytest.mark.parametrize("threshold", [0.02, 0.1, 0.5])
+def test_norm_aware_threshold_radius_is_sound_and_larger(threshold):
+    rng = np.random.default_rng(15)
+    k = 3
+    fx = rng.standard_normal((40, k)) * rng.uniform(0.0, 6.0, size=(40, 1))
+    fy = rng.standard_normal((40, k)) * rng.uniform(0.0, 6.0, size=(40, 1))
+    gx, gy = _g(fx, "append"), _g(fy, "append")
+    d = _distance(gx, gy)
+    r = np.linalg.norm(fx, axis=1)
+    radius = certify.radius_threshold(d, threshold, ref_norm=r, embedding="append")
+    assert (radius >= certify.radius_threshold(d, threshold)).all()
     assert (radius > 0).sum() > 20
     for i in np.nonzero(radius > 0)[0]:
         moved = _ball(fx[i], float(radius[i]) * (1 - 1e-7), 2000, rng)

@@ -30,7 +30,7 @@ def test_distance_json(photos, capsys):
     out = json.loads(capsys.readouterr().out)
     model = lipsim.create_model("tiny", seed=0)
     a, b = lipsim.load_image(photos[0]), lipsim.load_image(photos[1])
-    assert out["distance"] == pytest.approx(float(model(a, b)), abs=1e-6)
+    assert out["distance"] == pytest.approx(float(model(a, b).detach()), abs=1e-6)
     assert out["interval"]["lo"] <= out["distance"] <= out["interval"]["hi"]
     assert out["untrained"] is True
 

@@ -571,8 +571,9 @@ def test_attack_distance_bound_holds_and_is_stated(image_dir, model_path, tmp_pa
     ]
     code, r = _run_json(capsys, argv)
     assert code == 0 and r["images"] == 3
-    assert r["bound"] == pytest.approx(0.125) and r["bound_held"] is True
-    assert max(r["metrics"]["lipsim"]["values"]) <= 0.125 + 1e-5
+    # the norm-aware bound ½ρ(ε)², per image: never above ½ε², and held by the attack
+    assert 0 < r["bound"] <= 0.125 and r["bound_held"] is True and r["bound_half_eps_squared"] == 0.125
+    assert max(r["metrics"]["lipsim"]["values"]) <= r["bound"] + 1e-5
     assert max(r["metrics"]["lipsim"]["values"]) > 0  # the attack did move the embedding
     assert r["metrics"]["lipsim"]["max_delta_l2"] <= 0.5
     assert len(r["metrics"]["ssim"]["values"]) == 3
@@ -580,7 +581,7 @@ def test_attack_distance_bound_holds_and_is_stated(image_dir, model_path, tmp_pa
     assert png.startswith(PNG_MAGIC) and len(png) > 5000
     assert main([*argv[:-2], "--no-progress"]) == 0
     text = capsys.readouterr().out
-    assert "½ε²" in text and "HELD" in text and "0.125" in text
+    assert "½ρ(ε)²" in text and "HELD" in text
 
 
 def test_attack_distance_fails_loudly_when_bound_is_broken(image_dir, model_path, monkeypatch, capsys):

@@ -44,11 +44,18 @@ def test_certificate_formula_and_decision(tiny, images):
     assert torch.allclose(cert.d0, d0, atol=1e-6) and torch.allclose(cert.d1, d1, atol=1e-6)
     expected_closer = torch.where(d0 < d1, 0, 1)
     assert torch.equal(cert.closer, expected_closer)
-    naive = (d0 - d1).abs() / (g0 - g1).norm(dim=1)
-    assert (cert.radius <= naive + 1e-7).all()
-    # float32 rounding of d = 1 - <g, g'> plus the certificate's slack, divided by B, per row
-    tolerance = (1e-5 + 1e-6) / (g0 - g1).norm(dim=1)
-    assert ((cert.radius - naive).abs() <= tolerance).all()
+    # the radius is ρ⁻¹(m/B) for the norm-aware ρ at r = ‖f(ref)‖ (docs/method.md §4.2): at least
+    # m/B, the radius of the plain 1-Lipschitz argument, and exactly the inverse of ρ
+    naive = ((d0 - d1).abs() / (g0 - g1).norm(dim=1)).detach()
+    ref_norm = tiny.features(ref).norm(dim=1).detach()
+    tolerance = (1e-5 + 1e-6) / (g0 - g1).norm(dim=1).detach()
+    assert (cert.radius >= naive - tolerance).all()
+    expected = certify.inverse_movement(naive.double(), ref_norm.double(), embedding="append")
+    low = certify.inverse_movement(
+        (naive - tolerance).clamp_min(0).double(), ref_norm.double(), embedding="append"
+    )
+    assert (cert.radius.double() <= expected + 1e-7).all() and (cert.radius.double() >= low - 1e-7).all()
+    assert (cert.radius > 2 * naive).all()  # this tiny model's features are far from 0
 
 
 def test_ties_get_radius_zero(tiny, images):

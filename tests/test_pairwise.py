@@ -101,7 +101,7 @@ def test_pairwise_from_cached_embeddings_matches_and_is_fast():
     model = lipsim.create_model("tiny", seed=0)
     x = torch.rand(4, 3, 224, 224)
     g = model.embed(x)
-    d, lo, hi = certify.pairwise_from_embeddings(g, g, eps=0.1)
+    d, lo, hi = certify.pairwise_from_embeddings(g, g, eps=0.1, embedding="append")  # ‖f‖ from g
     want = model.pairwise(x, eps=0.1)
     for a, b in zip((d, lo, hi), want, strict=True):
         assert torch.allclose(a, b, atol=1e-5)

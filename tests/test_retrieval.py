@@ -99,6 +99,16 @@ def true_top1(model, x: torch.Tensor, gallery_emb: torch.Tensor) -> tuple[torch.
 
 
 # -- the radius itself --------------------------------------------------------------------------
+def test_top1_radius_refuses_a_plain_model_without_its_norm():
+    d, g = np.array([0.1, 0.3]), np.array([[1.0, 0.0], [0.0, 1.0]])
+    with pytest.raises(ValueError, match="needs ref_norm"):
+        top1_radius(d, g, embedding="plain")
+    with pytest.raises(ValueError, match="unknown embedding"):
+        top1_radius(d, g, ref_norm=2.0, embedding="cosine")
+    # append mode with ‖f(q)‖: the norm-aware radius, never below the one without it
+    assert top1_radius(d, g, ref_norm=5.0, embedding="append") > top1_radius(d, g)
+
+
 def test_top1_radius_formula_ties_and_bound_term():
     e = unit(np.array([[1.0, 0, 0], [0.8, 0.6, 0], [0.6, 0, 0.8]]))
     q = unit(np.array([[1.0, 0.1, 0.05]]))[0]

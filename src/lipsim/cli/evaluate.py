@@ -237,15 +237,16 @@ def cmd_attack_distance(args) -> int:
         append = isinstance(main_metric, LipSimMetric) and main_metric.model.embedding == "append"
         bound_value = float(main.bounds.max())
         if append:
-            kind = "½ε² (1-Lipschitz g: d(x,x+δ) = ½‖g(x)−g(x+δ)‖² ≤ ½‖δ‖²)"
+            kind = "½ρ(ε)² per image (1-Lipschitz g, ρ = ε/√(max(‖f(x)‖−ε,0)²+1) ≤ ε); largest"
         else:
-            kind = "½ρ(ε)² per image (plain embedding, norm-aware movement bound)"
-            bound_label = "largest bound ½ρ²"
+            kind = "½ρ(ε)² per image (plain embedding, norm-aware movement bound); largest"
+        bound_label = "largest bound ½ρ(ε)² (≤ ½ε²)" if append else "largest bound ½ρ²"
         worst = float((main.distances - main.bounds).max())
         payload.update(
             {
                 "bound": bound_value,
-                "bound_kind": "half_eps_squared" if append else "half_rho_squared",
+                "bound_kind": "half_rho_squared",
+                "bound_half_eps_squared": 0.5 * eps**2 if append else None,
                 "bound_slack": BOUND_SLACK,
                 "bound_held": held,
                 "max_excess_over_bound": worst,
@@ -352,7 +353,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_attack)
 
     p = sub.add_parser(
-        "attack-distance", help="how far ℓ2-PGD can push d(x, x+δ) under ‖δ‖₂ ≤ ε (LipSim: ≤ ½ε²)"
+        "attack-distance", help="how far ℓ2-PGD can push d(x, x+δ) under ‖δ‖₂ ≤ ε (LipSim: ≤ ½ρ(ε)² ≤ ½ε²)"
     )
     p.add_argument("--images", required=True, help="folder of images (searched recursively)")
     p.add_argument("--eps", required=True, help=f"ℓ2 budget ({UNITS}), e.g. 36/255")

@@ -4,10 +4,10 @@ For each image x, ℓ2-PGD maximises ``d(x, x + δ)`` over ``‖δ‖₂ ≤ ε`
 ball, since the gradient vanishes at δ = 0; steps along the normalised gradient; projection onto
 the ball; clipping to [0, 1]; the best iterate per image is kept). docs/method.md §7.3.
 
-For LipSim the answer is bounded (§1.10): with g 1-Lipschitz and unit-norm ("append" embedding),
-``d(x, x + δ) = ½‖g(x) - g(x + δ)‖² ≤ ½‖δ‖² ≤ ½ε²``. For the published "plain" embedding g is
-not 1-Lipschitz; the norm-aware movement bound ρ(ε) of :func:`lipsim.certify.movement_bound`
-(with ``r = ‖f(x)‖``) gives ``d ≤ ½ρ²`` per image instead. Other metrics have no bound.
+For LipSim the answer is bounded (§1.10): ``d(x, x + δ) = ½‖g(x) - g(x + δ)‖² ≤ ½ρ(ε)²`` per image,
+with the movement bound ρ of :func:`lipsim.certify.movement_bound` at ``r = ‖f(x)‖``: for the
+"append" embedding ``ρ(ε) = ε/√(max(r - ε, 0)² + 1) ≤ ε`` (so never more than ½ε²), for the
+published "plain" one (g not 1-Lipschitz) ``ε/√(r(r - ε))``. Other metrics have no bound.
 """
 
 from __future__ import annotations
@@ -98,15 +98,13 @@ def maximise_distance(
 def distance_bound(metric: Metric, x: torch.Tensor, eps: float) -> torch.Tensor | None:
     """Proven upper bound on ``d(x, x + δ)`` over ``‖δ‖₂ ≤ eps`` per image, or None.
 
-    LipSim "append": ``½ε²``; LipSim "plain": ``½ρ(ε)²`` with the norm-aware movement bound.
+    LipSim: ``½ρ(ε)²`` with the norm-aware movement bound of the model's embedding mode.
     """
     if not isinstance(metric, LipSimMetric):
         return None
     model = metric.model
-    if model.embedding == "append":
-        return torch.full((x.shape[0],), 0.5 * eps**2, dtype=torch.float64)
     ref_norm = torch.linalg.vector_norm(model.features(x).double(), dim=1).cpu()
-    rho = certify.movement_bound(eps, ref_norm)
+    rho = certify.movement_bound(eps, ref_norm, embedding=model.embedding)
     return 0.5 * rho.double() ** 2
 
 

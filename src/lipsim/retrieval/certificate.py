@@ -8,7 +8,9 @@ index, no model. Notation as in docs/method.md §1 and §3: ``g`` is the unit-no
 to the query ``q`` and ``b`` any other item. "a is closer to q than b" is a 2AFC decision with
 ``q`` as the reference and ``a``, ``b`` as the two candidates, so it cannot flip for
 ``‖δ‖ < radius_ab = (d_b - d_a)/‖g(a) - g(b)‖`` (:func:`lipsim.certify.radius_2afc`; the
-margin ``Δ(q) = ⟨g(q), g(a) - g(b)⟩`` moves by at most ``‖g(q+δ) - g(q)‖·‖g(a) - g(b)‖``). The
+margin ``Δ(q) = ⟨g(q), g(a) - g(b)⟩`` moves by at most ``‖g(q+δ) - g(q)‖·‖g(a) - g(b)‖``; with
+the norm-aware movement bound, ``ρ⁻¹`` of that ratio, where ‖f(q)‖ is read off the query's own
+append-mode embedding, :func:`lipsim.certify.append_norm_from_embedding`). The
 top-1 stays ``a`` while every such decision holds, so the certified radius is the minimum over
 the rivals. An exact top-K search gives the rivals ranked 2..K explicitly. Every item beyond
 the K-th satisfies ``d_b ≥ d_K`` and ``‖g(a) - g(b)‖ ≤ 2`` (unit vectors), so its own radius is at
@@ -63,7 +65,11 @@ def search_allowance(dim: int, reduced_precision: bool = False) -> float:
 
 
 def _radius_with_separation(
-    d_near: torch.Tensor, d_far: torch.Tensor, separation, ref_norm: torch.Tensor | None
+    d_near: torch.Tensor,
+    d_far: torch.Tensor,
+    separation,
+    ref_norm: torch.Tensor | None,
+    embedding: str = "plain",
 ) -> torch.Tensor:
     """2AFC radius for rivals at distance ``d_far`` whose embeddings are at most ``separation``
     (a number or one per rival) from the top-1's. The certify functions use g0, g1 only through
@@ -75,6 +81,8 @@ def _radius_with_separation(
     g1 = -g0
     if ref_norm is None:
         return certify.radius_2afc(d_near, d_far, g0, g1).double()
+    if embedding == "append":
+        return certify.radius_2afc(d_near, d_far, g0, g1, ref_norm.expand(n)).double()
     return certify.radius_2afc_plain(d_near, d_far, g0, g1, ref_norm.expand(n)).double()
 
 
@@ -83,15 +91,18 @@ def top1_radius(
     embeddings: np.ndarray | torch.Tensor,
     beyond: float | None = None,
     ref_norm: float | None = None,
+    embedding: str | None = None,
 ) -> float:
     """Certified ℓ2 radius of the top-1 among candidates, for perturbations of the query.
 
     ``distances``: (K,) distances of the candidates to the query, ascending, computed in float64
     from the stored embeddings; ``embeddings``: (K, D) their unit embeddings (same order);
     ``beyond``: a lower bound on the distance of every gallery item that is not a candidate
-    (``None`` when the candidates are the whole gallery); ``ref_norm``: ‖f(query)‖ for a
-    plain-mode model, ``None`` for append mode. Returns ``math.inf`` when nothing can change the
-    top-1 (a single item and no unseen rest), 0 for ties. See the module docstring.
+    (``None`` when the candidates are the whole gallery); ``ref_norm``: ‖f(query)‖, required for a
+    plain-mode model; ``embedding``: "append" or "plain" (left out: plain when ``ref_norm`` is
+    given). An append-mode model with ``ref_norm`` gets the norm-aware movement bound (larger
+    radii), without it ``ρ(ε) = ε``. Returns ``math.inf`` when nothing can change the top-1 (a
+    single item and no unseen rest), 0 for ties. See the module docstring.
     """
     d = torch.as_tensor(np.asarray(distances, dtype=np.float64))
     g = torch.as_tensor(np.asarray(embeddings, dtype=np.float64))
@@ -101,18 +112,23 @@ def top1_radius(
         raise ValueError("no candidates")
     if bool((d[1:] < d[:-1]).any()):
         raise ValueError("candidate distances must be sorted ascending")
+    mode = embedding or ("plain" if ref_norm is not None else "append")
+    if mode not in ("append", "plain"):
+        raise ValueError(f"unknown embedding mode {mode!r} (choose from append, plain)")
+    if mode == "plain" and ref_norm is None:
+        raise ValueError("a plain-mode top-1 radius needs ref_norm = ‖f(query)‖")
     r = None if ref_norm is None else torch.tensor([float(ref_norm)], dtype=torch.float64)
     radii = []
     k = d.shape[0]
     if k > 1:
         # B_b = ‖g(a) - g(b)‖ in float64 (numpy: cheaper than a torch round trip per query)
         sep = np.linalg.norm(g[1:].numpy() - g[:1].numpy(), axis=1)
-        radii.append(_radius_with_separation(d[:1].expand(k - 1), d[1:], torch.from_numpy(sep), r))
+        radii.append(_radius_with_separation(d[:1].expand(k - 1), d[1:], torch.from_numpy(sep), r, mode))
     if beyond is not None:
         far = torch.tensor([float(beyond)], dtype=torch.float64)
         if float(far) <= float(d[0]):
             return 0.0
-        radii.append(_radius_with_separation(d[:1], far, 2.0, r))
+        radii.append(_radius_with_separation(d[:1], far, 2.0, r, mode))
     if not radii:
         return math.inf
     return float(torch.cat(radii).min())

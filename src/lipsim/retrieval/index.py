@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import certify
 from ..embedding import normalise
 from ..fileio import atomic_write
 from .certificate import search_allowance, top1_radius
@@ -228,6 +229,9 @@ class Index:
     def _plain(self) -> bool:
         return self.identity is not None and self.identity.embedding == "plain"
 
+    def _mode(self) -> str:
+        return "plain" if self._plain() else "append"
+
     # -- adding ---------------------------------------------------------------------------------
     def add(self, items, paths=None, *, norms=None, batch_size: int = 32) -> None:
         """Adds images (B, 3, S, S) in [0, 1] (embedded by the attached model) or unit-norm
@@ -332,7 +336,9 @@ class Index:
         radius is 0, as the top-1 alone bounds nothing). ``exact``: default True for exact indexes,
         False for approximate ones. ``rerank``: for approximate search, fetch this many
         candidates and certify within them. ``ref_norms``: ‖f(query)‖ for plain-mode models when
-        passing embeddings (images provide it themselves).
+        passing embeddings (images provide it themselves). Append-mode indexes of a named model
+        certify with the norm-aware bound (docs/method.md §4.1), taking ‖f(query)‖ from the forward
+        pass or, for a query embedding, from the embedding itself.
         """
         if k < 1:
             raise ValueError("k must be at least 1")
@@ -340,6 +346,7 @@ class Index:
         if n == 0:
             raise ValueError("the index is empty")
         q, qn = self._queries(queries, ref_norms)
+        from_images = isinstance(queries, torch.Tensor) and queries.dim() == 4
         use_exact = self.approximate is None if exact is None else bool(exact)
         if use_exact:
             n_cand = min(n, max(k, certify_k or CERTIFY_K))
@@ -358,19 +365,28 @@ class Index:
             dist = 1.0 - g @ q[i].astype(np.float64)
             order = np.argsort(dist, kind="stable")
             cand, g, dist = cand[order], g[order], dist[order]
-            ref_norm = None
             note = ""
             radius: float | None
-            if self._plain():
-                ref_norm = None if qn is None else float(qn[i])
+            if self._plain() or (from_images and self.identity is not None):
+                ref_norm = None if qn is None else float(qn[i])  # ‖f(query)‖ of the forward pass
+            elif self.identity is not None:  # an append-mode query embedding holds ‖f(query)‖
+                ref_norm = float(certify.append_norm_from_embedding(q[i : i + 1].astype(np.float64))[0])
+            else:  # embeddings of an unnamed model: the bound without the norm (ρ = ε)
+                ref_norm = None
             if self._plain() and ref_norm is None:
                 radius, scope = None, "none"
                 note = "plain-mode model: a certificate needs ‖f(query)‖ (search images, or pass ref_norms)"
             elif use_exact:
                 beyond = None if cand.size >= n else 1.0 - float(ip[i][valid][-1]) - allowance
-                radius, scope = top1_radius(dist, g, beyond=beyond, ref_norm=ref_norm), "gallery"
+                radius, scope = (
+                    top1_radius(dist, g, beyond=beyond, ref_norm=ref_norm, embedding=self._mode()),
+                    "gallery",
+                )
             elif rerank:
-                radius, scope = top1_radius(dist, g, beyond=None, ref_norm=ref_norm), "candidates"
+                radius, scope = (
+                    top1_radius(dist, g, beyond=None, ref_norm=ref_norm, embedding=self._mode()),
+                    "candidates",
+                )
                 note = (
                     "approximate search re-ranked exactly: the radius certifies the top-1 among the "
                     f"{cand.size} retrieved candidates only, not against the whole gallery"
