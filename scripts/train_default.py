@@ -9,14 +9,19 @@ Steps (each skipped when its output exists, so the script resumes; every command
 
 1. ``corpus``   scripts/build_corpus.py -> data/corpus/{train,heldout}
 2. ``pool``     scripts/build_pool.py   -> data/pool (augmented 224×224 training images)
-3. ``cache``    offline-ensemble teacher embeddings of the pool -> data/pool_cache_ensemble
-4. ``distill``  lipsim train distill (student s2d-compact, targets from the cache)
+3. ``cache``    --teacher (offline-ensemble) embeddings of the pool -> data/pool_cache_ensemble
+4. ``distill``  lipsim train distill (student --arch s2d-lite, targets from the cache) -> runs/default/distill
 5. ``synth``    lipsim make-2afc on the training photos (split train) and the held-out photos (test)
-6. ``finetune`` lipsim train finetune --margin M for every margin in --margins
-7. ``evaluate`` lipsim eval night on the held-out triplets for every fine-tuned model
+6. ``finetune`` lipsim train finetune --margin M for every margin in --margins -> runs/default/finetune_mM
+7. ``evaluate`` lipsim eval night on the held-out triplets for the distilled and every fine-tuned
+   model -> runs/default/eval_{distill,mM}/results.json, then a summary table
 
     python scripts/train_default.py --steps all
     python scripts/train_default.py --steps finetune,evaluate --margins 0.05,0.1,0.2
+
+``--teacher`` is anything ``lipsim train distill --teacher`` takes that can build a cache: a teacher
+name or ``py:module:factory`` (tests/test_train_default.py runs steps 2-7 on a tiny fake corpus with
+a 16-dimensional fake teacher and ``--arch tiny``).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -35,27 +41,28 @@ PY = sys.executable
 STEPS = ("corpus", "pool", "cache", "distill", "synth", "finetune", "evaluate")
 
 
-def run(cmd: list[str], log: Path | None = None) -> None:
+def run(cmd: list[str]) -> None:
     print("$ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
     start = time.time()
-    if log is None:
-        subprocess.run(cmd, check=True, cwd=ROOT)
-    else:
-        with open(log, "w") as fh:
-            subprocess.run(cmd, check=True, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT)
+    subprocess.run(cmd, check=True, cwd=ROOT)
     print(f"  ({time.time() - start:.0f} s)", flush=True)
+
+
+def cache_name(teacher: str) -> str:
+    """``pool_cache_ensemble`` for offline-ensemble; other teachers with path-safe characters."""
+    return "pool_cache_" + re.sub(r"[^A-Za-z0-9_.-]+", "_", teacher.removeprefix("offline-")).strip("_.")
 
 
 def build_cache(pool: Path, cache: Path, teacher: str) -> None:
     import torch
 
     from lipsim.data import ImageFolderDataset
-    from lipsim.teachers import get_teacher
     from lipsim.teachers.cache import build_embedding_cache
+    from lipsim.train.distill import resolve_teacher
 
     torch.manual_seed(0)
     build_embedding_cache(
-        get_teacher(teacher), ImageFolderDataset(pool), cache, batch_size=32, progress=False
+        resolve_teacher(teacher), ImageFolderDataset(pool), cache, batch_size=32, progress=False
     )
 
 
@@ -66,8 +73,10 @@ def main() -> int:
         "--work", type=Path, default=Path("data"), help="folder for corpus, pool, caches, triplets"
     )
     p.add_argument("--runs", type=Path, default=Path("runs/default"))
-    p.add_argument("--arch", default="s2d-lite")
-    p.add_argument("--teacher", default="offline-ensemble")
+    p.add_argument("--arch", default="s2d-lite", help="student architecture (lipsim.spec)")
+    p.add_argument(
+        "--teacher", default="offline-ensemble", help="teacher name or py:module:factory (cache step)"
+    )
     p.add_argument("--pool-size", type=int, default=8000)
     p.add_argument("--distill-steps", type=int, default=300)
     p.add_argument("--distill-lr", type=float, default=0.01)
@@ -87,7 +96,7 @@ def main() -> int:
     os.chdir(ROOT)
     work, runs = args.work, args.runs
     corpus, pool = work / "corpus", work / "pool"
-    cache = work / f"pool_cache_{args.teacher.removeprefix('offline-')}"
+    cache = work / cache_name(args.teacher)
     synth_train, synth_heldout = work / "synth_train", work / "synth_heldout"
     distill = runs / "distill"
     runs.mkdir(parents=True, exist_ok=True)
@@ -215,8 +224,8 @@ def main() -> int:
         for label, folder in candidates:
             model = folder / "model.safetensors"
             out = runs / f"eval_{label}"
-            if model.exists() and not (out / "result.json").exists():
-                out.mkdir(parents=True, exist_ok=True)
+            # lipsim eval --out writes results.json (atomically) with the scores, and summary.md
+            if model.exists() and not (out / "results.json").exists():
                 run(
                     lipsim
                     + [
@@ -228,15 +237,13 @@ def main() -> int:
                         "test",
                         "--model",
                         str(model),
-                        "--json",
+                        "--no-progress",
                         "--out",
                         str(out),
-                    ],
-                    log=out / "stdout.json",
+                    ]
                 )
-                (out / "result.json").write_text((out / "stdout.json").read_text())
         for label, _ in candidates:
-            result = runs / f"eval_{label}" / "result.json"
+            result = runs / f"eval_{label}" / "results.json"
             if result.exists():
                 data = json.loads(result.read_text())
                 cert = ", ".join(f"{c['eps']:.3f}: {c['score']:.3f}" for c in data.get("certified", []))
