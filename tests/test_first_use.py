@@ -307,9 +307,15 @@ def test_certify_2afc_broadcasts_one_reference(engine, tiny, images, tmp_path):
         model = tiny
         full = ref.expand(3, -1, -1, -1)
     one, each = model.certify_2afc(ref, x0, x1), model.certify_2afc(full, x0, x1)
+    # the same answers; float32 convolutions of a batch of 7 and of 9 images may differ in the last
+    # bits (the kernel choice depends on the batch size and the CPU), hence the tolerances
     for name in ("closer", "d0", "d1", "radius"):
         a, b = np.asarray(getattr(one, name)), np.asarray(getattr(each, name))
-        assert a.shape == (3,) and np.array_equal(a, b), name
+        assert a.shape == (3,), name
+        if name == "closer":
+            assert np.array_equal(a, b)
+        else:
+            assert np.allclose(a, b, rtol=1e-4, atol=1e-6), name
     with pytest.raises(ValueError, match="ref that size or 1"):
         model.certify_2afc(full[:2], x0, x1)
 
