@@ -49,10 +49,10 @@ def test_default_model_prefers_a_mirror_and_a_weak_blur(model, photos):
     assert int(model.certify_2afc(cat, weak, strong).closer) == 0
 
 
-def test_default_model_is_the_pooled_v2_and_prefers_a_shift_to_noise(model, photos):
-    """v2 (issue 16): the global pooling head; a 3-px translation of a photo is closer than noise
+def test_default_model_is_the_pooled_v3_and_prefers_a_shift_to_noise(model, photos):
+    """v3 (issue 16): the global pooling head; a 3-px translation of a photo is closer than noise
     of half the translation's ℓ2 norm (pixel ℓ2 says the opposite by construction)."""
-    assert model.config.name == "s2d-lite-pool-distill" and model.config.head == "sum_std"
+    assert model.config.name == "s2d-lite-pool" and model.config.head == "sum_std"
     cat = photos["cat_a"]
     shifted = torch.nn.functional.pad(cat[..., :-3], (3, 0, 0, 0), mode="replicate")
     noise = torch.randn(cat.shape, generator=torch.Generator().manual_seed(0))

@@ -463,7 +463,7 @@ def test_fused_training_step_matches_the_plain_graph(arch):
         net.zero_grad()
         loss = ((net(x) - target) ** 2).mean()
         loss.backward()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         grads.append({n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None})
     assert all(m.fused_training for m in model.modules() if isinstance(m, SLLConv2d))
     assert losses[0] == pytest.approx(losses[1], rel=1e-6)
