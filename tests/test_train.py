@@ -537,3 +537,25 @@ def test_cli_training_choices_match_the_loop():
 
     assert cli_train.SCHEDULES == loop.SCHEDULES
     assert cli_train.AMP_MODES == loop.AMP_MODES
+
+
+def test_stop_flag_second_signal_goes_to_the_previous_handler():
+    """First SIGTERM: only a request to stop; second: the handler that was there before runs."""
+    from lipsim.train.step import StopFlag
+
+    calls = []
+
+    def custom(signum, frame):
+        calls.append(signum)
+
+    before = signal.signal(signal.SIGTERM, custom)
+    try:
+        flag = StopFlag()
+        flag.install()
+        signal.raise_signal(signal.SIGTERM)
+        assert flag.requested and calls == []
+        signal.raise_signal(signal.SIGTERM)
+        assert calls == [signal.SIGTERM]
+        assert signal.getsignal(signal.SIGTERM) is custom  # restored
+    finally:
+        signal.signal(signal.SIGTERM, before)

@@ -74,8 +74,8 @@ class StopFlag:
 
     def _handle(self, signum, frame) -> None:
         if self.signum is not None:
+            previous = self._previous.get(signum)  # read before restore() forgets it
             self.restore()
-            previous = self._previous.get(signum)
             if callable(previous):
                 previous(signum, frame)
             elif signum == signal.SIGINT:
