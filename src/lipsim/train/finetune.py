@@ -28,8 +28,9 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoints import load
+from ..checkpoints import load, read_torch_file
 from ..embedding import normalise
+from ..errors import CheckpointError
 from ..model import LipSim
 from ..modelfiles import RUN_CHECKPOINT, RUN_MODEL, is_safetensors, is_training_checkpoint, run_folder_files
 from . import distributed
@@ -93,14 +94,12 @@ def two_afc_score(d0: torch.Tensor, d1: torch.Tensor, y: torch.Tensor) -> torch.
 
 
 def _probe_torch_file(path: Path):
-    """The unpickled (weights-only, memory-mapped) content of a torch file, or None."""
+    """The content of a torch file (:func:`lipsim.checkpoints.read_torch_file`, the one reader of
+    torch pickles: weights-only), or None when it is not one; ``lipsim.load`` then says why."""
     try:
-        return torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-    except Exception:
-        try:
-            return torch.load(str(path), map_location="cpu", weights_only=True)
-        except Exception:
-            return None
+        return read_torch_file(path)
+    except CheckpointError:
+        return None
 
 
 def load_init(
