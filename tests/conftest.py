@@ -39,3 +39,23 @@ def importable_module(folder, name: str, source: str):
     finally:
         sys.path.remove(str(folder))
         sys.modules.pop(name, None)
+
+
+def published_file(model, path, duplicate=True):
+    """Writes ``model`` in the published training-checkpoint layout (docs/method.md §9)."""
+    state = {}
+    for key, value in model.backbone.state_dict().items():
+        state[f"module.model.{key}"] = value.clone()
+        if duplicate:
+            part, idx, name = key.split(".", 2)
+            base = {"convs": "base.1", "linear": "base.2"}[part]
+            state[f"module.model.{base}.{idx}.{name}"] = value.clone()
+    torch.save(
+        {
+            "epoch": 3,
+            "global_step": 435,
+            "model_state_dict": state,
+            "optimizer_state_dict": {"state": {}, "param_groups": []},
+        },
+        path,
+    )

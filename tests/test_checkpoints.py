@@ -10,28 +10,9 @@ import torch
 import torch.nn.functional as F
 
 import lipsim
+from conftest import published_file
 from lipsim.checkpoints import default_model_path, load_published, save_model
 from lipsim.errors import CheckpointError
-
-
-def _published_file(model, path, duplicate=True):
-    """Writes ``model`` in the published training-checkpoint layout (docs/method.md §9)."""
-    state = {}
-    for key, value in model.backbone.state_dict().items():
-        state[f"module.model.{key}"] = value.clone()
-        if duplicate:
-            part, idx, name = key.split(".", 2)
-            base = {"convs": "base.1", "linear": "base.2"}[part]
-            state[f"module.model.{base}.{idx}.{name}"] = value.clone()
-    torch.save(
-        {
-            "epoch": 3,
-            "global_step": 435,
-            "model_state_dict": state,
-            "optimizer_state_dict": {"state": {}, "param_groups": []},
-        },
-        path,
-    )
 
 
 def reference_published_features(state, x, depth, depth_linear, channels, out_dim):
@@ -90,7 +71,7 @@ def test_save_is_atomic_and_leaves_no_temp_files(tmp_path, tiny):
 def test_published_checkpoint_matches_reference_network(tmp_path, images):
     source = lipsim.create_model("tiny", embedding="plain", seed=7)
     path = tmp_path / "model.ckpt-435_margin=0.5.pth"
-    _published_file(source, path)
+    published_file(source, path)
     model = load_published(path, out_dim=64)
     assert model.embedding == "plain" and model.arch == "tiny"
     state = {k: v for k, v in source.backbone.state_dict().items()}
@@ -108,7 +89,7 @@ def test_published_checkpoint_matches_reference_network(tmp_path, images):
 def test_published_small_checkpoint_loads_and_matches_reference(tmp_path):
     source = lipsim.create_model("small", embedding="plain", seed=1)
     path = tmp_path / "model.ckpt-1.pth"
-    _published_file(source, path)
+    published_file(source, path)
     model = lipsim.load(path)
     assert model.arch == "small" and model.embedding == "plain"
     x = torch.rand(2, 3, 224, 224)
@@ -133,7 +114,7 @@ def test_published_keys_without_duplicates_and_with_backbone_prefix(tmp_path, im
 def test_disagreeing_duplicates_are_refused(tmp_path):
     source = lipsim.create_model("tiny", seed=0)
     path = tmp_path / "bad.pth"
-    _published_file(source, path)
+    published_file(source, path)
     obj = torch.load(path, weights_only=True)
     obj["model_state_dict"]["module.model.base.1.0.kernel"] += 1.0
     torch.save(obj, path)
@@ -304,7 +285,7 @@ def test_weights_of_unusable_dtypes_or_range_are_refused(tmp_path, change, messa
 )
 def test_malformed_published_checkpoints_give_one_line_errors(tmp_path, change, message):
     path = tmp_path / "m.pth"
-    _published_file(lipsim.create_model("tiny", seed=0), path, duplicate=False)
+    published_file(lipsim.create_model("tiny", seed=0), path, duplicate=False)
     obj = torch.load(path, weights_only=True)
     change(obj["model_state_dict"])
     torch.save(obj, path)

@@ -11,11 +11,11 @@ import pytest
 import torch
 
 import lipsim
+from conftest import published_file
 from lipsim import hub
 from lipsim.checkpoints import load_published
 from lipsim.cli import main
 from lipsim.errors import CheckpointError
-from test_checkpoints import _published_file
 
 NAME = "lipsim-test-tiny"
 
@@ -29,7 +29,7 @@ def registry(tmp_path, monkeypatch):
     monkeypatch.setitem(hub.PUBLISHED, NAME, entry)
     source = tmp_path / "served" / entry.filename
     source.parent.mkdir()
-    _published_file(lipsim.create_model("tiny", seed=0), source)
+    published_file(lipsim.create_model("tiny", seed=0), source)
     return entry, source
 
 
