@@ -226,8 +226,11 @@ def test_pgd_on_a_tiny_lipsim_inside_the_radius():
 
 
 # -- near duplicates ----------------------------------------------------------------------------
-@pytest.mark.parametrize("embedding,outside", [("append", 1.5), ("plain", 1.3)])
+@pytest.mark.parametrize("embedding,outside", [("append", 1.5), ("plain", 1.3), ("append-norm", None)])
 def test_dedup_verdicts_hold_inside_their_radii_under_pgd(embedding, outside):
+    """append-norm: the norm-aware radii of find_near_duplicates(embedding="append")."""
+    norm_aware = embedding == "append-norm"
+    embedding = "append" if norm_aware else embedding
     model = pixel_model(embedding)
     gallery, _ = pixel_gallery(seed=5)
     index = Index(model)
@@ -239,13 +242,23 @@ def test_dedup_verdicts_hold_inside_their_radii_under_pgd(embedding, outside):
     threshold = float(np.median(d_all[iu]))
     eps = 0.05
     result = find_near_duplicates(
-        emb, index.paths, threshold, eps=eps, norms=norms if embedding == "plain" else None
+        emb,
+        index.paths,
+        threshold,
+        eps=eps,
+        norms=norms if embedding == "plain" else None,
+        embedding="append" if norm_aware else None,
     )
     # listing completeness: every pair not listed is certified beyond eps
     listed = {(p.i, p.j) for p in result.pairs}
     all_radii = pair_threshold_radius(
         d_all[iu], threshold, None if embedding == "append" else (norms[iu[0]], norms[iu[1]])
     )
+    if norm_aware:
+        r = certify.append_norm_from_embedding(e64)
+        aware = pair_threshold_radius(d_all[iu], threshold, (r[iu[0]], r[iu[1]]), "append")
+        assert (aware >= all_radii).all() and (aware > all_radii).any()
+        all_radii = aware
     for (i, j), r in zip(zip(*iu, strict=True), all_radii, strict=True):
         assert (i, j) in listed or r > eps
     pairs = [p for p in result.pairs if p.radius > 1e-4]
@@ -268,6 +281,8 @@ def test_dedup_verdicts_hold_inside_their_radii_under_pgd(embedding, outside):
         model.embed, x, partner, threshold, below, 0.999 * radius, steps=100, restarts=2
     )
     assert torch.equal(verdicts(x_adv), below)
+    if outside is None:
+        return
     x_adv, _ = attack_threshold(model.embed, x, partner, threshold, below, outside * radius, steps=100)
     assert not torch.equal(verdicts(x_adv), below), "the attack should cross T just outside the radius"
 

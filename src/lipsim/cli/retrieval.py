@@ -170,6 +170,7 @@ def cmd_dedup(args) -> int:
         eps=eps,
         norms=norms if embedding == "plain" else None,
         max_pairs=args.max_pairs,
+        embedding=embedding,
     )
     result.skipped = list(skipped)
     payload = result.as_dict()

@@ -138,20 +138,27 @@ def pair_threshold_radius(
     d: np.ndarray | torch.Tensor,
     threshold: float,
     norms: tuple[np.ndarray, np.ndarray] | None = None,
+    embedding: str | None = None,
 ) -> np.ndarray:
     """Per pair, the ℓ2 radius within which "d < threshold" (or "d ≥ threshold") cannot change
     when **one** of the two images is perturbed.
 
-    Append mode (``norms=None``): :func:`lipsim.certify.radius_threshold`. In that mode the
+    Append mode without norms: :func:`lipsim.certify.radius_threshold` with ρ(ε) = ε. Then the
     bounds on ``d(x+δ, y)`` involve δ only through ‖g(x+δ) - g(x)‖ ≤ ‖δ‖, so the same number is
-    also the budget for the *sum* ‖δ_x‖ + ‖δ_y‖ when both images move. Plain mode: ``norms`` =
-    (‖f(x)‖, ‖f(y)‖); the append-mode value is the margin the embedding may move, and the input
-    radius is the largest ε with ρ(ε) below it, for whichever image is perturbed (the minimum).
+    also the budget for the *sum* ‖δ_x‖ + ‖δ_y‖ when both images move. With ``norms`` =
+    (‖f(x)‖, ‖f(y)‖): that number is the distance the embedding may move, and the input radius is
+    the largest ε with ρ(ε) below it (``ρ⁻¹``, norm-aware in append mode,
+    :func:`lipsim.certify.inverse_movement`) for whichever image is perturbed (the minimum); one
+    image at a time. ``embedding``: "append" or "plain"; left out, given norms mean plain mode.
     """
     d_t = torch.as_tensor(np.asarray(d, dtype=np.float64))
     margin = certify.radius_threshold(d_t, threshold).double()
     if norms is None:
         return margin.numpy()
+    if embedding == "append":
+        k = margin.numpy()
+        radii = [certify.inverse_movement(k, np.asarray(nm, np.float64), embedding="append") for nm in norms]
+        return np.where(k > 0, np.minimum(*radii), 0.0)
     zeros = torch.zeros_like(margin)
     out = None
     for norm in norms:
@@ -163,14 +170,22 @@ def pair_threshold_radius(
     return out.numpy()
 
 
-def threshold_reach(threshold: float, eps: float, ref_norm_min: float | None = None) -> float:
+def threshold_reach(
+    threshold: float, eps: float, ref_norm_min: float | None = None, embedding: str | None = None
+) -> float:
     """Distance beyond which every "≥ threshold" verdict is certified at ``eps``.
 
     A pair with ``d ≥ min(½(√(2T) + ρ)², T + ρ)``, ρ = ρ(eps), keeps ``d(x+δ, y) > T`` for all
     ‖δ‖ ≤ eps (the distance interval of lipsim.certify), so only closer pairs need listing.
-    ``ref_norm_min``: the smallest ‖f‖ among the images (plain mode), ``None`` for append mode.
+    ``ref_norm_min``: the smallest ‖f‖ among the images (ρ is largest there: it decreases with
+    ‖f‖), required in plain mode; ``embedding`` as for :func:`pair_threshold_radius`.
     """
     norm = None if ref_norm_min is None else torch.tensor([ref_norm_min], dtype=torch.float64)
+    if embedding == "append" and norm is not None:
+        rho = float(certify.movement_bound(eps, norm, embedding="append").max()) * (1 + 1e-4)
+        rho += certify.FLOAT_SLACK
+        reach = min(0.5 * (math.sqrt(2 * threshold) + rho) ** 2, threshold + rho)
+        return min(reach + 3 * certify.FLOAT_SLACK, 2.0)
     # generous by a few slacks: the certified radii shrink their margins by FLOAT_SLACK (twice in
     # plain mode) and round ‖g0 - g1‖ up, so a pair exactly at the reach must still clear eps
     rho = float(certify.movement_bound(eps, norm).max()) * (1 + 1e-4) + certify.FLOAT_SLACK

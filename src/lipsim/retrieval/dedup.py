@@ -6,13 +6,14 @@ use ``T`` small enough that chains are what you want, or read the pairs, which a
 
 Certificates (:func:`lipsim.retrieval.certificate.pair_threshold_radius`): each listed pair
 carries the ℓ2 radius within which its verdict ("below" or "above" T) cannot change when one of
-its two images is perturbed (append mode: also when both are, as long as the two norms sum to
-less). Listed are all pairs closer than a *reach* computed from ``eps``: every pair farther away
-has an "above" verdict whose radius exceeds ``eps`` (certify.distance_interval), so listing them
-would add nothing at that budget. The grouping as a whole does not change under a perturbation
-of any single image with norm below ``certified_radius = min(eps, smallest listed radius)``
-(a lower bound; it is capped at ``eps`` because the unlisted pairs are only known to exceed
-``eps``); each group has the same number over the pairs that touch it.
+its two images is perturbed (append mode without the norm-aware bound: also when both are, as
+long as the two norms sum to less). Listed are all pairs closer than a *reach* computed from
+``eps``: every pair farther away has an "above" verdict whose radius exceeds ``eps``
+(certify.distance_interval), so listing them would add nothing at that budget. The grouping as
+a whole does not change under a perturbation of any single image with norm below
+``certified_radius = min(eps, smallest listed radius)`` (a lower bound; it is capped at ``eps``
+because the unlisted pairs are only known to exceed ``eps``); each group has the same number
+over the pairs that touch it.
 
 Search: FAISS exact range search on the unit embeddings finds the candidate pairs with a
 float32 allowance (:func:`~lipsim.retrieval.certificate.search_allowance`) so none is missed;
@@ -111,11 +112,15 @@ def find_near_duplicates(
     eps: float = 36 / 255,
     norms: np.ndarray | None = None,
     max_pairs: int = 1_000_000,
+    embedding: str | None = None,
 ) -> DedupResult:
     """Groups the items whose distance is below ``threshold`` and certifies every listed verdict.
 
     ``embeddings``: (N, D) unit float32; ``norms``: ‖f(x)‖ per item for a plain-mode model (the
-    radii then use the norm-aware bound), ``None`` for append mode.
+    radii then use the norm-aware bound), ``None`` for append mode. ``embedding="append"``
+    (embeddings of an append-mode model) reads each ‖f(x)‖ off its embedding
+    (:func:`lipsim.certify.append_norm_from_embedding`) and uses the norm-aware bound too, for one
+    image perturbed at a time; left out, append-mode radii use ρ(ε) = ε.
     """
     import faiss
 
@@ -133,7 +138,10 @@ def find_near_duplicates(
         norms = np.asarray(norms, np.float64)
         if norms.shape != (n,) or not np.isfinite(norms).all() or (norms < 0).any():
             raise ValueError("plain-mode certificates need the feature norm ‖f(x)‖ of every image")
-    reach = threshold_reach(threshold, eps, None if norms is None or n == 0 else float(norms.min()))
+    mode = embedding or ("plain" if norms is not None else "append")
+    if embedding == "append":
+        norms = certify.append_norm_from_embedding(emb.astype(np.float64))
+    reach = threshold_reach(threshold, eps, None if norms is None or n == 0 else float(norms.min()), mode)
     pairs: list[PairVerdict] = []
     if n >= 2:
         index = faiss.IndexFlatIP(emb.shape[1])
@@ -153,7 +161,7 @@ def find_near_duplicates(
         ii, jj, d = ii[near], jj[near], d[near]
         order = np.lexsort((jj, ii, d))
         ii, jj, d = ii[order], jj[order], d[order]
-        radii = pair_threshold_radius(d, threshold, None if norms is None else (norms[ii], norms[jj]))
+        radii = pair_threshold_radius(d, threshold, None if norms is None else (norms[ii], norms[jj]), mode)
         for i, j, dist, r in zip(ii.tolist(), jj.tolist(), d.tolist(), radii.tolist(), strict=True):
             pairs.append(
                 PairVerdict(
