@@ -80,6 +80,19 @@ def hard_triplets(photos: Path, cache: Path, refs_per_photo: int, teacher_name: 
     return out
 
 
+def extra_triplets(root: Path) -> dict:
+    """Triplets of a NIGHT-layout folder (e.g. ``lipsim make-2afc --split train``), split "train",
+    as uint8 tensors with ``y = 1`` where the judges (or the construction) prefer x1."""
+    from lipsim.data import NightDataset
+
+    ds = NightDataset(root, split="train")
+    items = [ds[i] for i in range(len(ds))]
+    u8 = lambda x: (x * 255).round().to(torch.uint8)  # noqa: E731
+    out = {k: u8(torch.stack([it[k] for it in items])) for k in ("ref", "x0", "x1")}
+    out["y"] = torch.tensor([int(float(it["y"]) > 0.5) for it in items], dtype=torch.long)
+    return out
+
+
 def view(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """One random view of a (3, 224, 224) image: translation, crop or flip."""
     kind = int(torch.randint(0, 3, (), generator=gen))
@@ -127,6 +140,12 @@ def main() -> int:
     p.add_argument("--train-photos", type=Path, default=Path("data/corpus/train/photos"))
     p.add_argument("--hard-cache", type=Path, default=Path("data/hard_cache"))
     p.add_argument("--refs-per-photo", type=int, default=4)
+    p.add_argument(
+        "--extra-triplets",
+        type=Path,
+        default=None,
+        help="a NIGHT-layout folder of training triplets added to the hard ones (split train)",
+    )
     p.add_argument("--steps", type=int, required=True)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--views", type=int, default=0, help="extra views per step with the teacher online")
@@ -202,6 +221,10 @@ def main() -> int:
             f"{trip['agree_construction']:.3f}",
             flush=True,
         )
+        if args.extra_triplets:
+            extra = extra_triplets(args.extra_triplets)
+            trip = {k: torch.cat([trip[k], extra[k]]) for k in ("ref", "x0", "x1", "y")}
+            print(f"+ {len(extra['y'])} triplets from {args.extra_triplets}", flush=True)
     trunk = [p_ for n, p_ in model.backbone.named_parameters() if not n.startswith("head")]
     head = [p_ for n, p_ in model.backbone.named_parameters() if n.startswith("head")]
     opt = torch.optim.Adam(
