@@ -87,8 +87,23 @@ def test_pooling_ignores_flips_and_circular_shifts():
     x = torch.rand(2, 4, 8, 8)
     for mode in MODES:
         layer = GlobalPool(mode)
+        if mode == "sum_std_grid":  # the quadrant sums see layout: a flip swaps left and right
+            assert not torch.allclose(layer(x), layer(x.flip(-1)), atol=1e-6)
+            continue
         assert torch.allclose(layer(x), layer(x.flip(-1)), atol=1e-6)
         assert torch.allclose(layer(x), layer(x.roll(3, dims=-1)), atol=1e-6)
+
+
+def test_sum_std_grid_is_sum_std_and_quadrant_sums_over_root_two():
+    x = torch.rand(2, 3, 7, 6)  # odd height: quadrants of 3 and 4 rows
+    out = GlobalPool("sum_std_grid")(x)
+    assert out.shape == (2, 18)
+    base = GlobalPool("sum_std")(x)
+    assert torch.allclose(out[:, :6] * math.sqrt(2), base, atol=1e-6)
+    top_left = x[:, :, :3, :3].sum(dim=(2, 3)) / 3.0
+    bottom_right = x[:, :, 3:, 3:].sum(dim=(2, 3)) / math.sqrt(12)
+    assert torch.allclose(out[:, 6:9] * math.sqrt(2), top_left, atol=1e-6)
+    assert torch.allclose(out[:, 15:18] * math.sqrt(2), bottom_right, atol=1e-6)
 
 
 def test_bad_mode_and_shape_are_one_line_errors():

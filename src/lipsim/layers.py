@@ -448,12 +448,19 @@ class GlobalPool(LipschitzModule):
       √2 the scale, so one ℓ2 step of the input can move the embedding no more but the features
       are √2 larger.
 
-    All modes are invariant to permutations of positions (so to circular shifts of the map) and
-    to horizontal flips. Norms use :func:`safe_sqrt`: exact values, finite gradients at 0.
+    * ``sum_std_grid``: ``[sum_std ; grid] / √2`` where ``grid`` is, per channel, the sums over
+      the four quadrants of the map (rows and columns split in halves, floor/ceil), each divided by
+      the square root of its size: a little layout. Bound 1: each quadrant sum is 1-Lipschitz in
+      its own positions (Cauchy-Schwarz) and the quadrants are disjoint, so ``grid`` is
+      1-Lipschitz; two 1-Lipschitz halves concatenated change by at most √2·‖d‖, hence the √2.
+
+    All modes but ``sum_std_grid`` are invariant to permutations of positions (so to circular
+    shifts of the map) and to horizontal flips. Norms use :func:`safe_sqrt`: exact values, finite
+    gradients at 0.
     """
 
     bound_reason = "global pooling: sum/√n (Cauchy-Schwarz), per-channel ℓ2 norms (reverse triangle)"
-    MODES = ("sum", "norm", "sum_norm", "sum_std")
+    MODES = ("sum", "norm", "sum_norm", "sum_std", "sum_std_grid")
 
     def __init__(self, mode: str = "sum_std"):
         super().__init__()
@@ -469,9 +476,15 @@ class GlobalPool(LipschitzModule):
         total = flat.sum(dim=-1)
         if self.mode == "sum":
             return total / root_n
-        if self.mode == "sum_std":
+        if self.mode in ("sum_std", "sum_std_grid"):
             centred = flat - (total / flat.shape[-1]).unsqueeze(-1)
-            return torch.cat([total / root_n, safe_sqrt(centred.square().sum(dim=-1))], dim=1)
+            out = torch.cat([total / root_n, safe_sqrt(centred.square().sum(dim=-1))], dim=1)
+            if self.mode == "sum_std":
+                return out
+            h2, w2 = x.shape[2] // 2, x.shape[3] // 2
+            quads = [x[:, :, :h2, :w2], x[:, :, :h2, w2:], x[:, :, h2:, :w2], x[:, :, h2:, w2:]]
+            grid = [q.sum(dim=(2, 3)) / math.sqrt(q.shape[2] * q.shape[3]) for q in quads]
+            return torch.cat([out, *grid], dim=1) / math.sqrt(2.0)
         norm = safe_sqrt(flat.square().sum(dim=-1))
         if self.mode == "norm":
             return norm

@@ -171,9 +171,15 @@ def _global_pool(mode: str):
         pooled = total / _F32(np.sqrt(h * w))
         if mode == "sum":
             return pooled
-        if mode == "sum_std":
+        if mode in ("sum_std", "sum_std_grid"):
             centred = flat - (total / _F32(h * w))[:, None, :]
-            return np.concatenate([pooled, np.sqrt(np.square(centred).sum(axis=1, dtype=_F32))], axis=1)
+            out = np.concatenate([pooled, np.sqrt(np.square(centred).sum(axis=1, dtype=_F32))], axis=1)
+            if mode == "sum_std":
+                return out
+            h2, w2 = h // 2, w // 2
+            quads = [x[:, :h2, :w2], x[:, :h2, w2:], x[:, h2:, :w2], x[:, h2:, w2:]]
+            grid = [q.sum(axis=(1, 2), dtype=_F32) / _F32(np.sqrt(q.shape[1] * q.shape[2])) for q in quads]
+            return np.concatenate([out, *grid], axis=1) / _F32(np.sqrt(2.0))
         norm = np.sqrt(np.square(flat).sum(axis=1, dtype=_F32))
         if mode == "norm":
             return norm

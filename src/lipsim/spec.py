@@ -43,7 +43,7 @@ EMBEDDINGS = ("append", "plain")
 SLL_KERNEL_SIZE = 3
 #: s2d heads: "grid" (sum/k pool, flatten: the feature keeps a coarse spatial grid) or a global
 #: 1-Lipschitz pooling over all positions (layer kind ``global_pool``, see lipsim.layers.GlobalPool)
-HEADS = ("grid", "sum", "norm", "sum_norm", "sum_std")
+HEADS = ("grid", "sum", "norm", "sum_norm", "sum_std", "sum_std_grid")
 
 
 _MAX_LAYERS = 10_000
@@ -158,7 +158,7 @@ class ArchConfig:
             if i > 0:
                 channels, side = channels * 4, side // 2
         if self.head != "grid":
-            return channels * (2 if self.head in ("sum_norm", "sum_std") else 1)
+            return channels * {"sum_norm": 2, "sum_std": 2, "sum_std_grid": 6}.get(self.head, 1)
         side //= self.pool
         return channels * side * side
 
@@ -173,7 +173,8 @@ class LayerSpec:
     Kinds and arguments: ``shift (value,)``, ``space_to_depth (r,)``, ``channel_pad (channels,)``,
     ``sll_conv (channels, inner)``, ``sum_pool (k,)``, ``flatten ()``, ``truncate (n,)``,
     ``zero_pad (n,)``, ``sll_linear (features, inner)``, ``global_pool (mode,)`` with mode one of
-    ``sum``, ``norm``, ``sum_norm``, ``sum_std`` ((B, C, H, W) -> (B, C) or (B, 2C)).
+    ``sum``, ``norm``, ``sum_norm``, ``sum_std``, ``sum_std_grid`` ((B, C, H, W) -> (B, C), (B, 2C) or
+    (B, 6C)).
     """
 
     kind: str
