@@ -189,7 +189,7 @@ def test_modelfiles_reads_model_files_without_torch(tmp_path, tiny):
     "content, message",
     [
         (b"", "empty"),
-        (b"this is not a model", "not a readable"),
+        (b"this is not a model", "not a PyTorch checkpoint nor a safetensors file"),
         (b"\x10\x00\x00\x00\x00\x00\x00\x00{bad json", "not a readable safetensors file"),
     ],
 )

@@ -92,6 +92,16 @@ def read_torch_file(path: Path):
     """The content of a torch pickle, read with weights-only unpickling; one-line
     :class:`CheckpointError` for anything unreadable or unsafe."""
     try:
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read ({one_line(exc)})") from None
+    if not (head.startswith(b"PK\x03\x04") or head.startswith(b"\x80")):  # zip (torch.save) or pickle
+        raise CheckpointError(
+            f"{path}: not a PyTorch checkpoint nor a safetensors file (a model file, a run folder "
+            "or 'default' is expected)"
+        )
+    try:
         with torch_notices_off():  # torch warns about pickle protocols before it refuses them
             obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:

@@ -131,7 +131,7 @@ def parse_eps_list(text: str) -> list[float]:
         except (ValueError, ZeroDivisionError):
             raise CliError(f"bad eps value {part!r} (use e.g. 36/255 or 0.14)") from None
     if not values or not all(v >= 0 for v in values):  # NaN fails v >= 0
-        raise CliError("eps list must hold non-negative numbers")
+        raise CliError(f"eps must be non-negative (got {text!r}; e.g. 36/255 or 0.14)")
     return values
 
 

@@ -47,7 +47,7 @@ def cmd_index(args) -> int:
         approximate=args.approximate,
         workers=args.workers,
         restart=args.restart,
-        progress=not args.no_progress,
+        progress=False if args.no_progress else None,  # None: long runs on a terminal
     )
     index = report.index
     payload = {
@@ -158,7 +158,11 @@ def cmd_dedup(args) -> int:
             raise CliError("--batch-size must be ≥ 1, --workers ≥ 0")
         model = resolve_model(args.model, args.device)
         found = embed_folder(
-            args.dir, model, batch_size=args.batch_size, workers=args.workers, progress=not args.no_progress
+            args.dir,
+            model,
+            batch_size=args.batch_size,
+            workers=args.workers,
+            progress=False if args.no_progress else None,
         )
         embedding = model.embedding
         paths, emb, norms, skipped = found.paths, found.embeddings, found.norms, found.skipped

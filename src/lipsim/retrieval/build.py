@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..batching import progress_bar
 from ..errors import LipSimError, one_line
 from ..fileio import write_npy_atomic, write_text_atomic
 from ..images import IMAGE_EXTENSIONS, load_image
@@ -101,10 +101,9 @@ def _embed_checked(model, paths: list[str], images: torch.Tensor, batch_size: in
     return keep, emb[unit], norms[unit], bad
 
 
-def _progress(total: int, enabled: bool, desc: str):
-    from tqdm import tqdm
-
-    return tqdm(total=total, disable=not enabled, desc=desc, unit="img", file=sys.stderr, dynamic_ncols=True)
+def _progress(total: int, enabled: bool | None, desc: str):
+    """:func:`lipsim.batching.progress_bar`: ``None`` shows it for long runs on a terminal only."""
+    return progress_bar(total, enabled, desc)
 
 
 @dataclass
@@ -118,7 +117,7 @@ class FolderEmbeddings:
 
 
 def embed_folder(
-    root, model, *, batch_size: int = 32, workers: int = 0, progress: bool = False
+    root, model, *, batch_size: int = 32, workers: int = 0, progress: bool | None = False
 ) -> FolderEmbeddings:
     """Embeds every image under ``root`` in memory (no index, no resume)."""
     root = Path(root)
@@ -198,7 +197,7 @@ def index_folder(
     approximate: str | None = None,
     workers: int = 0,
     restart: bool = False,
-    progress: bool = False,
+    progress: bool | None = False,
     on_chunk: Callable[[int], None] | None = None,
 ) -> BuildReport:
     """Embeds the images under ``root`` into the index directory ``out`` (module docstring).
