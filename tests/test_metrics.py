@@ -84,3 +84,11 @@ def test_train_mode_keeps_the_network_in_eval(model):
     metric = LipSimDistance(model)
     metric.train()
     assert metric.training and not metric.model.training
+
+
+def test_images_in_minus_one_to_one_point_at_normalize_false():
+    metric = LipSimDistance(lipsim.create_model("tiny", seed=0))
+    x = torch.rand(2, 3, 32, 32) * 2 - 1  # LPIPS's range
+    with pytest.raises(ValueError, match="normalize=False"):
+        metric(x, x)
+    assert torch.isfinite(LipSimDistance(lipsim.create_model("tiny", seed=0), normalize=False)(x, x))

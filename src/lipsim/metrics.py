@@ -96,6 +96,11 @@ class LipSimDistance(Metric):
             )
         if not self.normalize:
             images = (images + 1.0) / 2.0
+        elif images.is_floating_point() and bool((images < 0).any()) and bool((images >= -1).all()):
+            raise ValueError(
+                f"{name}: values below 0 (smallest {float(images.min()):.3g}): LipSimDistance takes images "
+                "in [0, 1]; pass normalize=False for images in [-1, 1] (LPIPS's convention)"
+            )
         return preprocess(images, size=self.model.input_size, resize=self.resize)
 
     def _distances(self, img1: torch.Tensor, img2: torch.Tensor) -> torch.Tensor:
