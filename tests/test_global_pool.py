@@ -9,8 +9,9 @@ import torch
 
 import lipsim
 from lipsim.archs import build_backbone, get_config
-from lipsim.layers import GlobalPool, LipschitzModule, safe_sqrt
+from lipsim.layers import LipschitzModule
 from lipsim.numpy_engine import NumpyLipSim
+from lipsim.pooling import GlobalPool, safe_sqrt
 from lipsim.spec import expected_state, layer_plan
 from lipsim.verify import jacobian_spectral_norm, verify_model
 

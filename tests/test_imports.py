@@ -25,6 +25,7 @@ LEVELS = {
     "lipsim.errors": 0,
     "lipsim.spec": 0,
     "lipsim.layers": 0,
+    "lipsim.pooling": 0,
     "lipsim.fileio": 0,
     "lipsim.devices": 0,
     "lipsim.quiet": 0,

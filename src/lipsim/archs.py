@@ -15,7 +15,6 @@ from torch import nn
 
 from .layers import (
     Flatten,
-    GlobalPool,
     LipschitzModule,
     Shift,
     SLLConv2d,
@@ -26,6 +25,7 @@ from .layers import (
     ZeroChannelPad,
     ZeroPadFeatures,
 )
+from .pooling import GlobalPool
 from .spec import ArchConfig, LayerSpec, get_config, layer_plan, list_archs, register
 
 __all__ = ["ArchConfig", "LipschitzBackbone", "register", "get_config", "list_archs", "build_backbone"]

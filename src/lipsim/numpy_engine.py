@@ -162,7 +162,7 @@ def _zero_pad(n: int):
 
 
 def _global_pool(mode: str):
-    """lipsim.layers.GlobalPool on channels-last (B, H, W, C) input (sums in float32)."""
+    """lipsim.pooling.GlobalPool on channels-last (B, H, W, C) input (sums in float32)."""
 
     def apply(x: np.ndarray) -> np.ndarray:
         b, h, w, c = x.shape

@@ -42,7 +42,7 @@ EMBEDDINGS = ("append", "plain")
 #: spatial size of every SLL convolution kernel (the published code's choice)
 SLL_KERNEL_SIZE = 3
 #: s2d heads: "grid" (sum/k pool, flatten: the feature keeps a coarse spatial grid) or a global
-#: 1-Lipschitz pooling over all positions (layer kind ``global_pool``, see lipsim.layers.GlobalPool)
+#: 1-Lipschitz pooling over all positions (layer kind ``global_pool``, see lipsim.pooling.GlobalPool)
 HEADS = ("grid", "sum", "norm", "sum_norm", "sum_std", "sum_std_grid")
 
 

@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .layers import GlobalPool, LipschitzModule, SLLConv2d, SLLLinear, safe_inverse, sll_linear_rescaling
+from .layers import LipschitzModule, SLLConv2d, SLLLinear, safe_inverse, sll_linear_rescaling
 from .model import LipSim, exact_float32
+from .pooling import GlobalPool
 from .quiet import torch_notices_off
 
 __all__ = ["jacobian_spectral_norm", "LayerReport", "VerifyReport", "verify_model"]
