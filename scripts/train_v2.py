@@ -41,6 +41,11 @@ from lipsim.evaluate import hard
 from lipsim.fileio import atomic_write, write_npy_atomic, write_text_atomic
 
 
+def _u8(x: torch.Tensor) -> torch.Tensor:
+    """[0, 1] images as uint8 (how triplets are kept in memory and on disk)."""
+    return (x * 255).round().to(torch.uint8)
+
+
 def pool_array(pool: Path, cache_file: Path) -> tuple[np.ndarray, list[str]]:
     """The pool's images as one uint8 (N, 3, 224, 224) array (decoded once, then memory-mapped)."""
     from lipsim.data import ImageFolderDataset
@@ -74,8 +79,7 @@ def hard_triplets(photos: Path, cache: Path, refs_per_photo: int, teacher_name: 
         t1 = 1 - (t["ref"] * t["x1"]).sum(1)
         y = (t1 < t0).long()
         agree = float((t0 < t1).double().mean())
-    u8 = lambda x: (x * 255).round().to(torch.uint8)  # noqa: E731
-    out = {"ref": u8(hs.ref), "x0": u8(hs.x0), "x1": u8(hs.x1), "y": y, "agree_construction": agree}
+    out = {"ref": _u8(hs.ref), "x0": _u8(hs.x0), "x1": _u8(hs.x1), "y": y, "agree_construction": agree}
     atomic_write(saved, lambda tmp: torch.save(out, tmp))
     return out
 
@@ -87,8 +91,7 @@ def extra_triplets(root: Path) -> dict:
 
     ds = NightDataset(root, split="train")
     items = [ds[i] for i in range(len(ds))]
-    u8 = lambda x: (x * 255).round().to(torch.uint8)  # noqa: E731
-    out = {k: u8(torch.stack([it[k] for it in items])) for k in ("ref", "x0", "x1")}
+    out = {k: _u8(torch.stack([it[k] for it in items])) for k in ("ref", "x0", "x1")}
     out["y"] = torch.tensor([int(float(it["y"]) > 0.5) for it in items], dtype=torch.long)
     return out
 

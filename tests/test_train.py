@@ -8,7 +8,6 @@ small frozen fake teacher (a module written to disk so that subprocesses can imp
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -22,7 +21,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import lipsim
-from conftest import importable_module
+from conftest import FAKE_TEACHER, importable_module, subprocess_env
 from lipsim.cli import main as cli_main
 from lipsim.train import (
     DistillConfig,
@@ -40,64 +39,12 @@ from lipsim.train import (
 )
 from lipsim.train.distributed import DistEnv
 
-FAKE_TEACHER = '''
-import torch
-from torch import nn
-
-
-class FakeTeacher(nn.Module):
-    """A frozen random conv net with the teacher interface: (B, 3, H, W) in [0, 1] -> (B, 16), unit norm."""
-
-    name = "fake"
-    dim = 16
-
-    def __init__(self, fail_after=None):
-        super().__init__()
-        g = torch.Generator().manual_seed(123)
-        self.conv = nn.Conv2d(3, 8, 8, stride=8)
-        self.proj = nn.Linear(8 * 4 * 4, self.dim)
-        with torch.no_grad():
-            self.conv.weight.copy_(torch.randn(self.conv.weight.shape, generator=g) * 0.05)
-            self.conv.bias.zero_()
-            self.proj.weight.copy_(torch.randn(self.proj.weight.shape, generator=g) * 0.1)
-            self.proj.bias.zero_()
-        self.requires_grad_(False)
-        self.fail_after = fail_after
-        self.calls = 0
-
-    @property
-    def device(self):
-        return self.conv.weight.device
-
-    def forward(self, x):
-        self.calls += 1
-        if self.fail_after is not None and self.calls > self.fail_after:
-            raise RuntimeError("injected failure")
-        h = torch.relu(self.conv(x))
-        e = self.proj(nn.functional.adaptive_avg_pool2d(h, 4).flatten(1))
-        return e / e.norm(dim=1, keepdim=True)
-
-
-def build():
-    return FakeTeacher()
-'''
-
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-
 
 @pytest.fixture(scope="module")
 def fake_module(tmp_path_factory):
     folder = tmp_path_factory.mktemp("fake_teacher")
     with importable_module(folder, "lipsim_fake_teacher", FAKE_TEACHER) as loaded:
         yield loaded
-
-
-def _subprocess_env(folder: Path) -> dict:
-    env = dict(ENV)
-    env["PYTHONPATH"] = os.pathsep.join([str(folder), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    return env
 
 
 @pytest.fixture(scope="module")
@@ -308,7 +255,7 @@ def test_sigkilled_cli_run_leaves_a_loadable_checkpoint_and_resumes(tmp_path, ph
         "--steps", "24", "--batch-size", "2", "--views", "random-resized", "--num-workers", "0",
         "--checkpoint-every", "2", "--log-every", "1", "--device", "cpu", "--no-progress", "--quiet",
     ]  # fmt: skip
-    proc = subprocess.Popen(args, env=_subprocess_env(folder), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(args, env=subprocess_env(folder), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     ckpt = out / "checkpoints" / "last.pt"
     deadline = time.monotonic() + 120
     while not ckpt.exists() and proc.poll() is None and time.monotonic() < deadline:
@@ -323,7 +270,7 @@ def test_sigkilled_cli_run_leaves_a_loadable_checkpoint_and_resumes(tmp_path, ph
 
     done = subprocess.run(
         args + ["--resume", "--json"],
-        env=_subprocess_env(folder),
+        env=subprocess_env(folder),
         capture_output=True,
         text=True,
         timeout=300,
@@ -345,7 +292,7 @@ def test_sigterm_checkpoints_and_exits(tmp_path, photos, fake_module):
         "--log-every", "1", "--device", "cpu", "--no-progress", "--json",
     ]  # fmt: skip
     proc = subprocess.Popen(
-        args, env=_subprocess_env(folder), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        args, env=subprocess_env(folder), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     metrics = out / "metrics.jsonl"
     deadline = time.monotonic() + 120
@@ -402,7 +349,7 @@ def test_torchrun_two_cpu_processes_with_resume(tmp_path, photos, fake_module):
         "--steps", "6", "--batch-size", "4", "--views", "random-resized", "--num-workers", "0",
         "--checkpoint-every", "2", "--log-every", "1", "--device", "cpu", "--no-progress",
     ]  # fmt: skip
-    env = _subprocess_env(folder)
+    env = subprocess_env(folder)
     first = subprocess.run(base + ["--stop-after", "3"], env=env, capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr[-3000:]
     assert load_checkpoint(out / "checkpoints" / "last.pt")["step"] == 3

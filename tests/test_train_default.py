@@ -8,7 +8,6 @@ images, and uses a 16-dimensional fake teacher (``--teacher py:module:factory``)
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,41 +16,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import FAKE_TEACHER, subprocess_env
+
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "train_default.py"
-
-FAKE_TEACHER = '''
-import torch
-from torch import nn
-
-
-class FakeTeacher(nn.Module):
-    """A frozen random conv net with the teacher interface: (B, 3, H, W) in [0, 1] -> (B, 16), unit norm."""
-
-    name = "fake"
-    dim = 16
-
-    def __init__(self):
-        super().__init__()
-        g = torch.Generator().manual_seed(123)
-        self.conv = nn.Conv2d(3, 8, 8, stride=8)
-        self.proj = nn.Linear(8 * 4 * 4, self.dim)
-        with torch.no_grad():
-            self.conv.weight.copy_(torch.randn(self.conv.weight.shape, generator=g) * 0.05)
-            self.conv.bias.zero_()
-            self.proj.weight.copy_(torch.randn(self.proj.weight.shape, generator=g) * 0.1)
-            self.proj.bias.zero_()
-        self.requires_grad_(False)
-
-    def forward(self, x):
-        h = torch.relu(self.conv(x))
-        e = self.proj(nn.functional.adaptive_avg_pool2d(h, 4).flatten(1))
-        return e / e.norm(dim=1, keepdim=True)
-
-
-def build():
-    return FakeTeacher()
-'''
 
 
 def _smooth_image(rng: np.random.Generator, size: tuple[int, int]) -> Image.Image:
@@ -94,10 +62,7 @@ def test_train_default_steps_pool_to_evaluate_run_and_resume(tmp_path):
     _fake_corpus(work / "corpus")
     teacher_dir.mkdir()
     (teacher_dir / "train_default_fake_teacher.py").write_text(FAKE_TEACHER)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(teacher_dir), env.get("PYTHONPATH", "")) if p)
-    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
+    env = subprocess_env(teacher_dir, HF_HUB_OFFLINE="1")
     args = [
         "--work", str(work),
         "--runs", str(runs),

@@ -126,18 +126,22 @@ def _out(arr: np.ndarray, like, dtype: str):
     return torch.from_numpy(arr).to(like.device)
 
 
-def _down32(arr: np.ndarray) -> np.ndarray:
-    """float64 radii as float32, rounded toward 0 (nearest rounding could overstate by an ulp)."""
+def _round32(arr: np.ndarray, toward: float) -> np.ndarray:
+    """float64 bounds as float32, rounded toward ``toward`` where nearest rounding went past them."""
     arr = np.asarray(arr, dtype=np.float64)
     r32 = arr.astype(np.float32)
-    return np.where(r32.astype(np.float64) > arr, np.nextafter(r32, np.float32(0)), r32)
+    past = r32.astype(np.float64) > arr if toward < np.inf else r32.astype(np.float64) < arr
+    return np.where(past, np.nextafter(r32, np.float32(toward)), r32)
+
+
+def _down32(arr: np.ndarray) -> np.ndarray:
+    """Radii and lower bounds as float32, never above their float64 value."""
+    return _round32(arr, 0.0)
 
 
 def _up32(arr: np.ndarray) -> np.ndarray:
-    """float64 upper bounds as float32, rounded away from 0."""
-    arr = np.asarray(arr, dtype=np.float64)
-    r32 = arr.astype(np.float32)
-    return np.where(r32.astype(np.float64) < arr, np.nextafter(r32, np.float32(np.inf)), r32)
+    """Upper bounds as float32, never below their float64 value."""
+    return _round32(arr, np.inf)
 
 
 def _norm_upper(g0: np.ndarray, g1: np.ndarray) -> np.ndarray:

@@ -96,12 +96,17 @@ class LipSimDistance(Metric):
             )
         if not self.normalize:
             images = (images + 1.0) / 2.0
-        elif images.is_floating_point() and bool((images < 0).any()) and bool((images >= -1).all()):
-            raise ValueError(
-                f"{name}: values below 0 (smallest {float(images.min()):.3g}): LipSimDistance takes images "
-                "in [0, 1]; pass normalize=False for images in [-1, 1] (LPIPS's convention)"
-            )
-        return preprocess(images, size=self.model.input_size, resize=self.resize)
+        try:
+            return preprocess(images, size=self.model.input_size, resize=self.resize)
+        except ValueError:
+            # preprocess refuses values outside [0, 1]; images in [-1, 1] most likely mean LPIPS's
+            # convention, so say how to pass them (checked only on this error path)
+            if self.normalize and images.is_floating_point() and float(images.min()) >= -1:
+                raise ValueError(
+                    f"{name}: values below 0 (smallest {float(images.min()):.3g}): LipSimDistance takes "
+                    "images in [0, 1]; pass normalize=False for images in [-1, 1] (LPIPS's convention)"
+                ) from None
+            raise
 
     def _distances(self, img1: torch.Tensor, img2: torch.Tensor) -> torch.Tensor:
         x, y = self._prepare(img1, "img1"), self._prepare(img2, "img2")

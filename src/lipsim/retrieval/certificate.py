@@ -151,23 +151,12 @@ def pair_threshold_radius(
     :func:`lipsim.certify.inverse_movement`) for whichever image is perturbed (the minimum); one
     image at a time. ``embedding``: "append" or "plain"; left out, given norms mean plain mode.
     """
-    d_t = torch.as_tensor(np.asarray(d, dtype=np.float64))
-    margin = certify.radius_threshold(d_t, threshold).double()
+    margin = certify.radius_threshold(np.asarray(d, dtype=np.float64), threshold).astype(np.float64)
     if norms is None:
-        return margin.numpy()
-    if embedding == "append":
-        k = margin.numpy()
-        radii = [certify.inverse_movement(k, np.asarray(nm, np.float64), embedding="append") for nm in norms]
-        return np.where(k > 0, np.minimum(*radii), 0.0)
-    zeros = torch.zeros_like(margin)
-    out = None
-    for norm in norms:
-        r = torch.as_tensor(np.asarray(norm, dtype=np.float64))
-        # ρ(ε) < margin  <=>  a 2AFC margin of `margin` against a rival at separation 1
-        radius = _radius_with_separation(zeros, margin, 1.0, r)
-        radius = torch.where(margin > 0, radius, zeros)
-        out = radius if out is None else torch.minimum(out, radius)
-    return out.numpy()
+        return margin
+    mode = embedding or "plain"
+    radii = [certify.inverse_movement(margin, np.asarray(nm, np.float64), embedding=mode) for nm in norms]
+    return np.where(margin > 0, np.minimum(*radii), 0.0)
 
 
 def threshold_reach(
@@ -181,13 +170,9 @@ def threshold_reach(
     ‖f‖), required in plain mode; ``embedding`` as for :func:`pair_threshold_radius`.
     """
     norm = None if ref_norm_min is None else torch.tensor([ref_norm_min], dtype=torch.float64)
-    if embedding == "append" and norm is not None:
-        rho = float(certify.movement_bound(eps, norm, embedding="append").max()) * (1 + 1e-4)
-        rho += certify.FLOAT_SLACK
-        reach = min(0.5 * (math.sqrt(2 * threshold) + rho) ** 2, threshold + rho)
-        return min(reach + 3 * certify.FLOAT_SLACK, 2.0)
-    # generous by a few slacks: the certified radii shrink their margins by FLOAT_SLACK (twice in
-    # plain mode) and round ‖g0 - g1‖ up, so a pair exactly at the reach must still clear eps
-    rho = float(certify.movement_bound(eps, norm).max()) * (1 + 1e-4) + certify.FLOAT_SLACK
+    mode = embedding if norm is not None else None  # no norm: ρ(ε) = ε
+    # generous by a few slacks: the certified radii shrink their margins by FLOAT_SLACK and round
+    # ‖g0 - g1‖ up, so a pair exactly at the reach must still clear eps
+    rho = float(certify.movement_bound(eps, norm, embedding=mode).max()) * (1 + 1e-4) + certify.FLOAT_SLACK
     reach = min(0.5 * (math.sqrt(2 * threshold) + rho) ** 2, threshold + rho)
     return min(reach + 3 * certify.FLOAT_SLACK, 2.0)

@@ -306,7 +306,7 @@ class Index:
     def _queries(self, queries, ref_norms):
         if isinstance(queries, torch.Tensor) and queries.dim() == 4:
             q, qn = embed_images(self._need_model("search"), queries)
-            return q, qn.astype(np.float64)
+            return q, qn.astype(np.float64), True
         q = _as_float_array(queries, "queries")
         if q.shape[1] != self.dim:
             raise ValueError(f"queries have dimension {q.shape[1]}, the index holds {self.dim}")
@@ -316,7 +316,7 @@ class Index:
         qn = None if ref_norms is None else np.asarray(ref_norms, np.float64).reshape(-1)
         if qn is not None and qn.shape[0] != q.shape[0]:
             raise ValueError("ref_norms must hold one norm per query")
-        return q, qn
+        return q, qn, False
 
     def search(
         self,
@@ -345,8 +345,7 @@ class Index:
         n = len(self)
         if n == 0:
             raise ValueError("the index is empty")
-        q, qn = self._queries(queries, ref_norms)
-        from_images = isinstance(queries, torch.Tensor) and queries.dim() == 4
+        q, qn, from_images = self._queries(queries, ref_norms)
         use_exact = self.approximate is None if exact is None else bool(exact)
         if use_exact:
             n_cand = min(n, max(k, certify_k or CERTIFY_K))
